@@ -1,0 +1,117 @@
+"""TrainConfig: every knob of a run in one dataclass, validated when it is made."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    # optimisation
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] | None = None  # None: the model family's pretraining recipe (finetune.optim)
+    eps: float | None = None
+    no_decay: list[str] = field(default_factory=list)  # regexes added to the 1-D no-decay rule
+    lr_overrides: dict[str, float] = field(default_factory=dict)  # regex -> learning rate
+    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    max_grad_norm: float | None = 1.0
+    label_smoothing: float = 0.0
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    # batches
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops early when set
+    batch_size: int = 32
+    grad_accum: int = 1
+    group_by_length: bool = True
+    # data
+    max_source_length: int = 128
+    max_target_length: int = 128
+    source_field: str = "source"
+    target_field: str = "target"
+    # numerics and memory
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    device: str | None = None  # None: cuda when available, else cpu
+    # evaluation
+    eval_batch_size: int | None = None
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    eval_every: int | None = None  # optimizer steps; None: at the end of each epoch
+    # bookkeeping
+    seed: int = 0
+    output_dir: str = "runs/finetune"
+    log_every: int = 10
+    save_model: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {what}")
+
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or None")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.epochs >= 1, "epochs", "must be >= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or None")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        need(self.max_source_length >= 2, "max_source_length", "must be >= 2")
+        need(self.max_target_length >= 2, "max_target_length", "must be >= 2")
+        need(self.num_beams >= 1, "num_beams", "must be >= 1")
+        need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), "betas",
+             "must be two numbers in [0, 1)")
+        need(all(isinstance(v, (int, float)) and v > 0 for v in self.lr_overrides.values()), "lr_overrides",
+             "values must be learning rates > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
+        """Build from plain values (a TOML table); unknown keys and wrong types are errors naming the key."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+            if not _fits(value, hints[key]):
+                raise ValueError(f"{where}: key '{key}' has {type(value).__name__} {value!r}, expected {hints[key]}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fits(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)

@@ -1,0 +1,200 @@
+"""Text pairs -> tokenised examples -> padded, shifted, masked batches.
+
+Files: JSONL (one object a line, fields configurable), TSV and CSV (two columns, source then target;
+an optional header row naming the two fields). A malformed row raises `DataError` naming the file,
+the line and what is wrong.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .masks import decoder_attention_mask, pad_inputs, pad_labels, shift_tokens_right
+
+
+class DataError(ValueError):
+    """A data file or list that cannot be read as (source, target) pairs."""
+
+
+Pair = tuple[str, str]
+
+
+def read_pairs(data, source_field: str = "source", target_field: str = "target") -> list[Pair]:
+    """(source, target) pairs from a .jsonl/.tsv/.csv path or a list of pairs."""
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file")
+        ext = os.path.splitext(path)[1].lower()
+        if ext in (".jsonl", ".json"):
+            pairs = _read_jsonl(path, source_field, target_field)
+        elif ext in (".tsv", ".csv"):
+            pairs = _read_delimited(path, "\t" if ext == ".tsv" else ",", source_field, target_field)
+        else:
+            raise DataError(f"{path}: unknown data format '{ext}' (use .jsonl, .tsv or .csv)")
+        if not pairs:
+            raise DataError(f"{path}: no pairs in the file")
+        return pairs
+    pairs = []
+    for i, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+            raise DataError(f"pairs[{i}]: expected a (source, target) pair of strings, got {item!r}")
+        if not item[0].strip() or not item[1].strip():
+            raise DataError(f"pairs[{i}]: empty source or target")
+        pairs.append((item[0], item[1]))
+    if not pairs:
+        raise DataError("no pairs given")
+    return pairs
+
+
+def _check_row(path: str, line: int, source, target) -> Pair:
+    for name, value in (("source", source), ("target", target)):
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{line}: {name} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(f"{path}:{line}: empty {name}")
+    return source, target
+
+
+def _read_jsonl(path: str, source_field: str, target_field: str) -> list[Pair]:
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in (source_field, target_field) if k not in row]
+            if missing:
+                raise DataError(f"{path}:{line_no}: missing field(s) {missing} (have {sorted(row)}); "
+                                "set source_field/target_field to the names your file uses")
+            pairs.append(_check_row(path, line_no, row[source_field], row[target_field]))
+    return pairs
+
+
+def _read_delimited(path: str, delimiter: str, source_field: str, target_field: str) -> list[Pair]:
+    pairs = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        for row in reader:
+            line_no = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2:
+                raise DataError(f"{path}:{line_no}: expected 2 columns (source, target), got {len(row)}")
+            if not pairs and [c.strip() for c in row] == [source_field, target_field]:
+                continue  # header row
+            pairs.append(_check_row(path, line_no, row[0], row[1]))
+    return pairs
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TokenizeReport:
+    examples: int
+    truncated_sources: int
+    truncated_targets: int
+
+    def __str__(self):
+        return (f"{self.examples} examples; truncated: {self.truncated_sources} sources, "
+                f"{self.truncated_targets} targets")
+
+
+def _truncate(ids: list[int], max_length: int, special_ids: set[int]) -> list[int]:
+    """Cut to max_length, keeping a final special token (eos / [SEP]) as the last one."""
+    if len(ids) <= max_length:
+        return ids
+    if ids[-1] in special_ids:
+        return ids[: max_length - 1] + ids[-1:]
+    return ids[:max_length]
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_source_length: int, max_target_length: int,
+                   decoder_start_token_id: int) -> tuple[list[Example], TokenizeReport]:
+    """Tokenise sources and targets; truncate and count the truncations.
+
+    A target that begins with the decoder start token (BERT's tokenizer puts [CLS] first, and [CLS] is
+    bert2bert's start token) loses it: the shift puts it back, and keeping it would teach the decoder
+    to read two start tokens.
+    """
+    sources = tokenizer([s for s, _ in pairs], add_special_tokens=True)["input_ids"]
+    targets = tokenizer(text_target=[t for _, t in pairs], add_special_tokens=True)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    examples, cut_src, cut_tgt = [], 0, 0
+    for src, tgt in zip(sources, targets):
+        if tgt and tgt[0] == decoder_start_token_id:
+            tgt = tgt[1:]
+        cut_src += len(src) > max_source_length
+        cut_tgt += len(tgt) > max_target_length
+        examples.append(Example(_truncate(src, max_source_length, special), _truncate(tgt, max_target_length, special)))
+    return examples, TokenizeReport(len(examples), cut_src, cut_tgt)
+
+
+class Collator:
+    """Examples -> a batch: inputs padded with pad, labels with -100, decoder inputs shifted from labels."""
+
+    def __init__(self, pad_token_id: int, decoder_start_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.decoder_start_token_id = decoder_start_token_id
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_inputs([e.input_ids for e in examples], self.pad_token_id)
+        labels = pad_labels([e.labels for e in examples])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "decoder_input_ids": shift_tokens_right(labels, self.pad_token_id, self.decoder_start_token_id),
+            "decoder_attention_mask": decoder_attention_mask(labels),
+            "labels": labels,
+        }
+
+
+class LengthGroupedBatches:
+    """Deterministic batches of similar length: less padding, the same examples every epoch.
+
+    Each epoch: shuffle with (seed, epoch), cut into mega-batches of `batch_size * mega` examples, sort
+    each by length (longest first), cut into batches, shuffle the batch order. Every example appears
+    exactly once per epoch; the last batch may be smaller. `group_by_length=False` gives plain shuffled
+    batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_by_length: bool = True,
+                 shuffle: bool = True, mega: int = 50):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.shuffle = shuffle
+        self.mega = mega
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            size = self.batch_size * self.mega
+            chunks = [sorted(order[i:i + size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), size)]
+            order = [j for chunk in chunks for j in chunk]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle and self.group_by_length:
+            rng.shuffle(batches)
+        return batches

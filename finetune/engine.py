@@ -1,0 +1,389 @@
+"""Engine: fit / evaluate / generate / overfit_batch.
+
+The training step is `Engine._step`, read top to bottom:
+
+    count the target tokens of the whole accumulation window
+    for each micro-batch: autocast forward -> summed token loss / window tokens -> backward
+    (first step) check that every trainable tensor got a gradient
+    unscale (fp16) -> clip -> optimizer step (skipped on a non-finite loss) -> schedule -> zero grads
+
+Everything else here prepares data for it or reports what it did.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import Collator, LengthGroupedBatches, read_pairs, tokenize_pairs
+from .freeze import trainable_report
+from .masks import IGNORE_INDEX
+from .metrics import GenerationMetrics
+from .models import is_t5_family, resolve_special_tokens
+from .optim import build_adamw, build_scheduler, describe_groups, param_groups
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
+    """Summed cross-entropy over target tokens (labels != -100), in float32, and the count of correct tokens.
+
+    The caller divides by the number of target tokens in the accumulation window.
+    """
+    flat_logits = logits.reshape(-1, logits.size(-1)).float()
+    flat_labels = labels.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=label_smoothing)
+    valid = flat_labels != IGNORE_INDEX
+    correct = (flat_logits.argmax(-1)[valid] == flat_labels[valid]).sum()
+    return loss, correct
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on: what is wrong is in the message."""
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer, config: TrainConfig | None = None):
+        self.config = config or TrainConfig()
+        self.tokenizer = tokenizer
+        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._check_precision(model)
+        self.tokens = resolve_special_tokens(model, tokenizer)
+        self.model = model.to(self.device)
+        self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
+        self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
+        self.global_step = 0
+        self._checked_gradients = False
+        self._nonfinite_in_a_row = 0
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+
+    def _check_precision(self, model):
+        precision, kind = self.config.precision, self.device.type
+        if precision == "fp16" and kind != "cuda":
+            raise ValueError("precision='fp16' needs a CUDA device (fp16 autocast with a loss scaler); "
+                             "on CPU use precision='bf16' or 'fp32'")
+        if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision='bf16': this GPU does not support bfloat16; use 'fp16' or 'fp32'")
+        if precision == "fp16" and is_t5_family(model):
+            warnings.warn("precision='fp16' with a T5-family model: T5's activations overflow float16 and the loss "
+                          "turns to NaN; precision='bf16' is the safe choice", stacklevel=3)
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _tokenized(self, data, name: str):
+        cfg = self.config
+        pairs = read_pairs(data, cfg.source_field, cfg.target_field)
+        examples, report = tokenize_pairs(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
+                                          self.tokens.decoder_start)
+        self._log(f"{name}: {report}")
+        return pairs, examples
+
+    def _to_device(self, batch):
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _enable_checkpointing(self):
+        """Non-reentrant activation checkpointing: it works when the inputs of the checkpointed blocks do not
+        require grad (frozen embeddings, int8 bases), where the reentrant variant silently drops gradients."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(self.model.config, "use_cache"):
+            self.model.config.use_cache = False
+
+    def _build_optimizer(self, total_steps: int, warmup_steps: int, lr: float | None = None,
+                         schedule: str | None = None, weight_decay: float | None = None):
+        cfg = self.config
+        lr = cfg.lr if lr is None else lr
+        wd = cfg.weight_decay if weight_decay is None else weight_decay
+        groups = param_groups(self.model, wd, cfg.no_decay, cfg.lr_overrides)
+        optimizer = build_adamw(self.model, groups, lr, cfg.betas, cfg.eps)
+        scheduler = build_scheduler(optimizer, total_steps, warmup_steps, schedule or cfg.schedule)
+        return groups, optimizer, scheduler
+
+    def _log(self, message: str):
+        if self.config.progress:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    # the training step
+
+    def _step(self, window, optimizer, scheduler) -> dict:
+        """One optimizer step over a window of `grad_accum` micro-batches."""
+        cfg = self.config
+        model = self.model
+        window_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for batch in window:
+            batch = self._to_device(batch)
+            with self.autocast():
+                logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+            batch_loss, batch_correct = token_loss(logits, batch["labels"], cfg.label_smoothing)
+            loss = batch_loss / window_tokens  # normalised over the whole window: k x b == k*b
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += batch_loss.detach()
+            correct += batch_correct
+        loss_value = float(loss_sum) / window_tokens
+
+        if not self._checked_gradients:
+            self._check_gradients()
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+
+        skipped = False
+        if self.scaler:  # fp16: the scaler skips a step with inf/nan gradients and lowers the scale
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+        elif math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
+            optimizer.step()
+        else:
+            skipped = True
+            self._nonfinite_in_a_row += 1
+            warnings.warn(f"step {self.global_step}: non-finite loss or gradient ({loss_value}); step skipped",
+                          stacklevel=2)
+            if self._nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise TrainingStopped(f"{self._nonfinite_in_a_row} non-finite steps in a row (last at step "
+                                      f"{self.global_step}); stopping. Lower the learning rate or use fp32/bf16.")
+        if not skipped:
+            self._nonfinite_in_a_row = 0
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return {"loss": loss_value, "token_accuracy": int(correct) / window_tokens, "lr": lr,
+                "grad_norm": grad_norm, "skipped": skipped, "tokens": window_tokens,
+                "samples": sum(len(b["labels"]) for b in window)}
+
+    def _check_gradients(self):
+        """After the first backward: every trainable tensor has a gradient, and not all of them are zero.
+
+        (LoRA's A legitimately gets a zero gradient at step 0 because B starts at zero, so zeros are only
+        an error when *every* gradient is zero.)
+        """
+        self._checked_gradients = True
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = [n for n, p in named if p.grad is None]
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise TrainingStopped(
+                f"{len(missing)} trainable tensor(s) got no gradient after the first backward pass: {shown}. They "
+                "are not on the path from the inputs to the loss (unused modules such as BERT's pooler, or a "
+                "broken LoRA / checkpointing setup). Freeze them if they are unused by design "
+                "(finetune.freeze.freeze(model, [pattern]))."
+            )
+        if all(not torch.any(p.grad) for _, p in named):
+            raise TrainingStopped("every gradient is zero after the first backward pass: the model would not "
+                                  "learn. Check the labels (all -100?) and what is frozen.")
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+
+    def fit(self, train, eval=None) -> dict:
+        """Train on `train` (a .jsonl/.tsv/.csv path or a list of (source, target)); evaluate on `eval`."""
+        cfg = self.config
+        set_seed(cfg.seed)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        _, examples = self._tokenized(train, "train")
+        sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size,
+                                       cfg.seed, cfg.group_by_length)
+        steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
+        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
+        if cfg.grad_checkpointing:
+            self._enable_checkpointing()
+        self.model.train()
+        self._log(str(trainable_report(self.model)))
+        groups, optimizer, scheduler = self._build_optimizer(total_steps, warmup)
+        self._log(describe_groups(groups))
+        self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
+                  f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}, precision {cfg.precision}, "
+                  f"device {self.device}")
+
+        history = {"train": [], "eval": []}
+        progress = _progress(total_steps, cfg.progress)
+        window_stats, started = [], time.perf_counter()
+        self.global_step = 0
+        for epoch in range(epochs):
+            batches = sampler.batches(epoch)
+            for start in range(0, len(batches), cfg.grad_accum):
+                if self.global_step >= total_steps:
+                    break
+                window = [self.collate([examples[i] for i in b]) for b in batches[start:start + cfg.grad_accum]]
+                stats = self._step(window, optimizer, scheduler)
+                window_stats.append(stats)
+                progress.update(1)
+                if self.global_step % cfg.log_every == 0 or self.global_step == total_steps:
+                    record = _summarise(window_stats, time.perf_counter() - started, self.global_step, epoch)
+                    history["train"].append(record)
+                    self._append_metrics(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                         samples_s=f"{record['samples_per_s']:.1f}")
+                    window_stats, started = [], time.perf_counter()
+                if eval is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
+                    history["eval"].append(self.evaluate(eval))
+                    self.model.train()
+            if eval is not None and not cfg.eval_every:
+                history["eval"].append(self.evaluate(eval))
+                self.model.train()
+        progress.close()
+        if cfg.save_model:
+            path = self.save(os.path.join(cfg.output_dir, "model"))
+            self._log(f"model saved to {path}")
+        return history
+
+    @torch.inference_mode()
+    def evaluate(self, data, num_beams: int | None = None, max_new_tokens: int | None = None,
+                 predictions_file: str | None = "eval_predictions.jsonl") -> dict:
+        """Teacher-forced loss, then generation metrics: exact match, accuracy by edit distance, ROUGE-1/2/L.
+
+        Batches are generated under inference mode; tokens go to the CPU and into the metrics at once, so
+        no logits are kept. Predictions are written next to metrics.jsonl in the output folder.
+        """
+        cfg = self.config
+        was_training = self.model.training
+        self.model.eval()
+        pairs, examples = self._tokenized(data, "eval")
+        sampler = LengthGroupedBatches([len(e.input_ids) for e in examples], cfg.eval_batch_size or cfg.batch_size,
+                                       shuffle=False)
+        metrics = GenerationMetrics()
+        predictions = [None] * len(pairs)
+        loss_sum, tokens = 0.0, 0
+        for indices in sampler.batches(0):
+            batch = self._to_device(self.collate([examples[i] for i in indices]))
+            with self.autocast():
+                logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+            batch_loss, _ = token_loss(logits, batch["labels"])
+            loss_sum += float(batch_loss)
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            del logits
+            texts = self._generate_ids(batch["input_ids"], batch["attention_mask"], num_beams, max_new_tokens)
+            for i, text in zip(indices, texts):
+                source, target = pairs[i]
+                predictions[i] = {"source": source, "target": target, "prediction": text,
+                                  "correct": metrics.add(source, target, text)}
+        result = {"loss": loss_sum / max(1, tokens), **metrics.result(), "step": self.global_step}
+        if predictions_file:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, predictions_file), "w", encoding="utf-8") as f:
+                for row in predictions:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._append_metrics({"split": "eval", **result})
+        self.model.train(was_training)
+        return result
+
+    def _generate_ids(self, input_ids, attention_mask, num_beams=None, max_new_tokens=None) -> list[str]:
+        cfg = self.config
+        with self.autocast():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams or cfg.num_beams,
+                max_new_tokens=max_new_tokens or cfg.max_new_tokens, decoder_start_token_id=self.tokens.decoder_start,
+                eos_token_id=self.tokens.eos, pad_token_id=self.tokens.pad, do_sample=False,
+            )
+        return self.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def generate(self, texts: list[str], num_beams: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """Generate one output per input text (greedy when num_beams=1, beam search otherwise)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        was_training = self.model.training
+        self.model.eval()
+        size = self.config.eval_batch_size or self.config.batch_size
+        outputs = []
+        for i in range(0, len(texts), size):
+            enc = self.tokenizer(list(texts[i:i + size]), padding=True, truncation=True,
+                                 max_length=self.config.max_source_length, return_tensors="pt")
+            outputs += self._generate_ids(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
+                                          num_beams, max_new_tokens)
+        self.model.train(was_training)
+        return outputs
+
+    def overfit_batch(self, pairs, steps: int = 200, lr: float | None = None) -> list[dict]:
+        """Train repeatedly on one batch (all of `pairs`), constant learning rate, no weight decay.
+
+        The check to run before a long job: loss should approach zero and token accuracy reach 100% within a
+        few hundred steps. It changes the model's weights. Returns the per-step loss and token accuracy.
+        """
+        _, examples = self._tokenized(pairs, "overfit batch")
+        window = [self.collate(examples)]
+        self.model.train()
+        _, optimizer, scheduler = self._build_optimizer(steps, 0, lr=lr or self.config.lr, schedule="constant",
+                                                        weight_decay=0.0)
+        history = []
+        for step in range(steps):
+            stats = self._step(window, optimizer, scheduler)
+            history.append({"step": step, "loss": stats["loss"], "token_accuracy": stats["token_accuracy"]})
+        return history
+
+    def save(self, path: str) -> str:
+        """save_pretrained (safetensors) + tokenizer into `path`, atomically: a complete folder or none."""
+        path = os.path.abspath(path)
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _append_metrics(self, record: dict):
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _summarise(window_stats: list[dict], seconds: float, step: int, epoch: int) -> dict:
+    tokens = sum(s["tokens"] for s in window_stats)
+    samples = sum(s["samples"] for s in window_stats)
+    last = window_stats[-1]
+    return {
+        "split": "train", "step": step, "epoch": epoch,
+        "loss": sum(s["loss"] * s["tokens"] for s in window_stats) / tokens,
+        "token_accuracy": sum(s["token_accuracy"] * s["tokens"] for s in window_stats) / tokens,
+        "lr": last["lr"], "grad_norm": last["grad_norm"],
+        "skipped_steps": sum(s["skipped"] for s in window_stats),
+        "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+    }
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True)

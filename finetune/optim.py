@@ -1,0 +1,132 @@
+"""AdamW parameter groups and learning-rate schedules.
+
+The decay rule (nanoGPT's `configure_optimizers`, and the BERT/RoBERTa recipe): every trainable
+tensor of two or more dimensions decays; every 1-D tensor (biases, LayerNorm / RMSNorm gains) does not,
+whatever the model calls its normalisation layers. `no_decay` regexes move more tensors (e.g.
+embeddings) to the no-decay side. `lr_overrides` maps regexes to learning rates, for example a higher
+rate for the newly initialised tensors of a warm-started bert2bert. Frozen tensors are in no group, so
+the optimizer keeps no state for them. Tied tensors appear once.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+# Adam betas / eps of each family's pretraining recipe, where it used Adam.
+#   BART (Lewis et al., 2020, §5) follows RoBERTa (Liu et al., 2019, §3.1, Table 9): betas (0.9, 0.98), eps 1e-6.
+#   BERT (Devlin et al., 2019, App. A.2; google-research/bert optimization.py): betas (0.9, 0.999), eps 1e-6.
+#   Marian (Transformer base, Vaswani et al., 2017, §5.3): betas (0.9, 0.98), eps 1e-9.
+#   T5 / Pegasus were pretrained with Adafactor; they get torch's AdamW defaults (0.9, 0.999), 1e-8.
+FAMILY_ADAM = {
+    "bart": ((0.9, 0.98), 1e-6),
+    "mbart": ((0.9, 0.98), 1e-6),
+    "bert": ((0.9, 0.999), 1e-6),
+    "encoder-decoder": ((0.9, 0.999), 1e-6),  # bert2bert
+    "marian": ((0.9, 0.98), 1e-9),
+}
+DEFAULT_ADAM = ((0.9, 0.999), 1e-8)
+
+
+def family_adam(model: nn.Module) -> tuple[tuple[float, float], float]:
+    return FAMILY_ADAM.get(getattr(getattr(model, "config", None), "model_type", ""), DEFAULT_ADAM)
+
+
+def _compile(patterns, what: str) -> list[re.Pattern]:
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"{what}: invalid regex {p!r}: {err}") from None
+    return compiled
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay=(), lr_overrides=None, lr: float | None = None):
+    """AdamW groups of trainable tensors: decay / no-decay, split further by `lr_overrides` (first match wins).
+
+    Each group is a dict with `params`, `names`, `weight_decay` and, where an override applies, `lr`.
+    A `no_decay` or `lr_overrides` pattern that matches no trainable tensor is an error naming it.
+    """
+    lr_overrides = dict(lr_overrides or {})
+    no_decay_res = _compile(no_decay, "no_decay")
+    override_res = list(zip(_compile(lr_overrides, "lr_overrides"), lr_overrides.values()))
+    used = set()
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():  # each tensor once, under its first name
+        if not param.requires_grad:
+            continue
+        decays = param.dim() >= 2
+        for rx in no_decay_res:
+            if rx.search(name):
+                decays = False
+                used.add(rx.pattern)
+        group_lr = lr
+        for rx, value in override_res:
+            if rx.search(name):
+                group_lr = value
+                used.add(rx.pattern)
+                break
+        key = (decays, group_lr)
+        group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": weight_decay if decays else 0.0,
+                                        "lr": group_lr})
+        group["params"].append(param)
+        group["names"].append(name)
+    unused = [p for p in list(no_decay) + list(lr_overrides) if p not in used]
+    if unused:
+        raise ValueError(f"pattern(s) {unused} match no trainable parameter (check the names with "
+                         "finetune.freeze.trainable_report or model.named_parameters())")
+    out = []
+    for (_, group_lr), group in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1] or 0)):
+        if group_lr is None:
+            del group["lr"]
+        out.append(group)
+    return out
+
+
+def describe_groups(groups) -> str:
+    lines = []
+    for g in groups:
+        n = sum(p.numel() for p in g["params"])
+        lr = f", lr {g['lr']:g}" if "lr" in g else ""
+        lines.append(f"  weight_decay {g['weight_decay']:g}{lr}: {len(g['params'])} tensors, {n:,} parameters")
+    return "optimizer groups:\n" + "\n".join(lines)
+
+
+def build_adamw(model: nn.Module, groups, lr: float, betas=None, eps=None) -> torch.optim.AdamW:
+    """AdamW with the family's betas/eps unless given; fused on CUDA, foreach elsewhere."""
+    family_betas, family_eps = family_adam(model)
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("no trainable parameters: everything is frozen, so the optimizer would train nothing")
+    on_cuda = all(p.is_cuda for p in params)
+    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas or family_betas),
+                             eps=family_eps if eps is None else eps, **kwargs)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "linear") -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    Warm-up: step / warmup_steps (0 at step 0, 1 at the end of warm-up). Then linear: down to 0 at
+    total_steps; cosine: half a cosine down to 0; constant: 1. Matches transformers'
+    get_{linear,cosine,constant}_schedule_with_warmup (tests/test_optim.py).
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"schedule must be linear, cosine or constant, got {schedule!r}")
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_steps: int, schedule: str = "linear"):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule)
+    )
