@@ -123,6 +123,7 @@ class Engine:
         lr = cfg.lr if lr is None else lr
         wd = cfg.weight_decay if weight_decay is None else weight_decay
         groups = param_groups(self.model, wd, cfg.no_decay, cfg.lr_overrides)
+        self._log(describe_groups(groups, lr))
         optimizer = build_adamw(self.model, groups, lr, cfg.betas, cfg.eps)
         scheduler = build_scheduler(optimizer, total_steps, warmup_steps, schedule or cfg.schedule)
         return groups, optimizer, scheduler
@@ -228,7 +229,6 @@ class Engine:
         self.model.train()
         self._log(str(trainable_report(self.model)))
         groups, optimizer, scheduler = self._build_optimizer(total_steps, warmup)
-        self._log(describe_groups(groups))
         self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
                   f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}, precision {cfg.precision}, "
                   f"device {self.device}")

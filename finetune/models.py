@@ -144,12 +144,19 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None) -> Bert2Bert:
     """
     from transformers import AutoTokenizer, BertLMHeadModel, BertModel, EncoderDecoderModel
 
+    from transformers.utils import logging as hf_logging
+
     decoder_path = decoder_path or encoder_path
     tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-    encoder, enc_info = BertModel.from_pretrained(encoder_path, add_pooling_layer=False, output_loading_info=True)
-    decoder, dec_info = BertLMHeadModel.from_pretrained(
-        decoder_path, is_decoder=True, add_cross_attention=True, output_loading_info=True
-    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by `new_parameters`
+    try:
+        encoder, enc_info = BertModel.from_pretrained(encoder_path, add_pooling_layer=False, output_loading_info=True)
+        decoder, dec_info = BertLMHeadModel.from_pretrained(
+            decoder_path, is_decoder=True, add_cross_attention=True, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
     new = [f"encoder.{k}" for k in enc_info["missing_keys"]] + [f"decoder.{k}" for k in dec_info["missing_keys"]]
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}

@@ -86,12 +86,13 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay=(), lr_override
     return out
 
 
-def describe_groups(groups) -> str:
+def describe_groups(groups, lr: float) -> str:
+    """One line a group: its weight decay, peak learning rate and size (call before the optimizer owns them)."""
     lines = []
     for g in groups:
         n = sum(p.numel() for p in g["params"])
-        lr = f", lr {g['lr']:g}" if "lr" in g else ""
-        lines.append(f"  weight_decay {g['weight_decay']:g}{lr}: {len(g['params'])} tensors, {n:,} parameters")
+        lines.append(f"  weight_decay {g['weight_decay']:g}, lr {g.get('lr', lr):g}: {len(g['params'])} tensors, "
+                     f"{n:,} parameters")
     return "optimizer groups:\n" + "\n".join(lines)
 
 
