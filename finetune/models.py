@@ -100,15 +100,23 @@ def load_seq2seq(name_or_path: str, **kwargs):
     """`AutoModelForSeq2SeqLM` + `AutoTokenizer` from a hub name or local folder, with a clear offline error."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    def load(local_only: bool):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
+        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, local_files_only=local_only, **kwargs), tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
+        try:
+            return load(local_only=True)
+        except (OSError, ValueError):
+            if os.path.isdir(name_or_path) or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise
+            print(f"'{name_or_path}' is not on disk; trying the hub ...", flush=True)
+            return load(local_only=False)
+    except (OSError, ValueError) as err:
         raise ModelNotAvailable(
             f"could not load '{name_or_path}': not a local folder with a model, and not in the hub cache "
             f"(this machine may be offline). Pass a local checkpoint folder instead. ({err.__class__.__name__})"
         ) from err
-    return model, tokenizer
 
 
 class ModelNotAvailable(RuntimeError):
