@@ -12,6 +12,7 @@ missing keys) train at --new-lr, everything pretrained at --lr. One rate cannot 
 """
 import argparse
 import os
+import resource
 import re
 import sys
 import time
@@ -22,9 +23,12 @@ import torch  # noqa: E402
 
 from finetune import Engine, TrainConfig, bitfit, freeze, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
+from finetune.lora import apply_lora  # noqa: E402
 from finetune.models import bert2bert, minilm_path, tiny_bert2bert  # noqa: E402
 
-METHODS = ("full", "frozen-encoder", "bitfit")
+METHODS = ("full", "frozen-encoder", "bitfit", "lora")
+# LoRA on the pretrained self-attention query/value projections; the new tensors train in full.
+LORA_TARGETS = [r"^(encoder|decoder\.bert)\.encoder\.layer\.\d+\.attention\.self\.(query|value)$"]
 
 
 def new_parameter_pattern(names):
@@ -39,6 +43,8 @@ def apply_method(model, method, new_names):
         freeze(model, [r"^encoder\."])
     elif method == "bitfit":
         bitfit(model, also=new)
+    elif method == "lora":
+        apply_lora(model, targets=LORA_TARGETS, r=16, alpha=32, dropout=0.05, also_train=new)
     return model
 
 
@@ -86,7 +92,9 @@ def main(argv=None):
     report = trainable_report(model)
     print(f"\nmethod {args.method}: {report.trainable:,} trainable of {report.total:,} parameters; "
           f"trained on {len(train)} pairs in {train_seconds:.0f} s; test pairs {len(test)}")
-    print(f"exact match {metrics['exact_match']:.3f}  (teacher-forced loss {metrics['loss']:.3f})")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"exact match {metrics['exact_match']:.3f}  (teacher-forced loss {metrics['loss']:.3f}); "
+          f"peak RSS {peak_mib:.0f} MiB")
     print("edit distance | pairs | exact match")
     for b, v in metrics["by_edit_distance"].items():
         print(f"{b:>13} | {v['n']:>5} | {v['exact_match']:.3f}")

@@ -49,6 +49,8 @@ class TrainConfig:
     output_dir: str = "runs/finetune"
     log_every: int = 10
     save_model: bool = True
+    save_every: int | None = None  # optimizer steps between training-state checkpoints (also saved at the end)
+    keep_last: int = 2  # checkpoints kept on disk
     progress: bool = True
 
     def __post_init__(self):
@@ -78,6 +80,8 @@ class TrainConfig:
         need(self.num_beams >= 1, "num_beams", "must be >= 1")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.save_every is None or self.save_every >= 1, "save_every", "must be >= 1 or None")
+        need(self.keep_last >= 1, "keep_last", "must be >= 1")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), "betas",
              "must be two numbers in [0, 1)")

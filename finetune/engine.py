@@ -17,6 +17,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 import warnings
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Collator, LengthGroupedBatches, read_pairs, tokenize_pairs
 from .freeze import trainable_report
@@ -212,8 +215,12 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # public API
 
-    def fit(self, train, eval=None) -> dict:
-        """Train on `train` (a .jsonl/.tsv/.csv path or a list of (source, target)); evaluate on `eval`."""
+    def fit(self, train, eval=None, resume: str | None = None) -> dict:
+        """Train on `train` (a .jsonl/.tsv/.csv path or a list of (source, target)); evaluate on `eval`.
+
+        `resume="latest"` (or a checkpoint folder) continues exactly where a run stopped. SIGTERM/SIGINT
+        finish the current step, write a checkpoint and exit with status 128 + signal number.
+        """
         cfg = self.config
         set_seed(cfg.seed)
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -232,34 +239,65 @@ class Engine:
         self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
                   f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}, precision {cfg.precision}, "
                   f"device {self.device}")
+        checkpoints = os.path.join(cfg.output_dir, "checkpoints")
+        data_hash = data_fingerprint(examples)
+        self.global_step, start_epoch, start_window = 0, 0, 0
+        if resume:
+            path = find_checkpoint(checkpoints, resume)
+            state = load_checkpoint(path, self.model, optimizer, scheduler, self.scaler, cfg.to_dict(), data_hash)
+            self.global_step, start_epoch, start_window = state["step"], state["epoch"], state["window"]
+            self._nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+            self._checked_gradients = True
+            print(f"resumed from {path} at step {self.global_step}", flush=True)
+
+        def checkpoint(epoch, window):
+            progress = {"step": self.global_step, "epoch": epoch, "window": window, "data_fingerprint": data_hash,
+                        "nonfinite_in_a_row": self._nonfinite_in_a_row}
+            return save_checkpoint(checkpoints, self.model, optimizer, scheduler, self.scaler, progress,
+                                   cfg.to_dict(), cfg.keep_last)
 
         history = {"train": [], "eval": []}
-        progress = _progress(total_steps, cfg.progress)
+        progress = _progress(total_steps, cfg.progress, initial=self.global_step)
         window_stats, started = [], time.perf_counter()
-        self.global_step = 0
-        for epoch in range(epochs):
-            batches = sampler.batches(epoch)
-            for start in range(0, len(batches), cfg.grad_accum):
-                if self.global_step >= total_steps:
-                    break
-                window = [self.collate([examples[i] for i in b]) for b in batches[start:start + cfg.grad_accum]]
-                stats = self._step(window, optimizer, scheduler)
-                window_stats.append(stats)
-                progress.update(1)
-                if self.global_step % cfg.log_every == 0 or self.global_step == total_steps:
-                    record = _summarise(window_stats, time.perf_counter() - started, self.global_step, epoch)
-                    history["train"].append(record)
-                    self._append_metrics(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                         samples_s=f"{record['samples_per_s']:.1f}")
-                    window_stats, started = [], time.perf_counter()
-                if eval is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
+        position = (start_epoch, start_window)  # (epoch, windows of it consumed): where a resume picks up
+        with _StopOnSignal() as stop:
+            for epoch in range(start_epoch, epochs):
+                batches = sampler.batches(epoch)
+                starts = range(0, len(batches), cfg.grad_accum)
+                for window_index, start in enumerate(starts):
+                    if epoch == start_epoch and window_index < start_window:
+                        continue  # consumed before the checkpoint we resumed from
+                    if self.global_step >= total_steps:
+                        break
+                    window = [self.collate([examples[i] for i in b]) for b in batches[start:start + cfg.grad_accum]]
+                    stats = self._step(window, optimizer, scheduler)
+                    position = (epoch, window_index + 1)
+                    window_stats.append(stats)
+                    progress.update(1)
+                    if self.global_step % cfg.log_every == 0 or self.global_step == total_steps:
+                        record = _summarise(window_stats, time.perf_counter() - started, self.global_step, epoch)
+                        history["train"].append(record)
+                        self._append_metrics(record)
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                             samples_s=f"{record['samples_per_s']:.1f}")
+                        window_stats, started = [], time.perf_counter()
+                    if stop.signum is not None:
+                        path = checkpoint(*position)
+                        progress.close()
+                        print(f"\nstopped by signal {stop.signum} after step {self.global_step}; checkpoint: {path}\n"
+                              f"resume with engine.fit(..., resume='latest')", flush=True)
+                        raise SystemExit(128 + stop.signum)
+                    if cfg.save_every and self.global_step % cfg.save_every == 0:
+                        checkpoint(*position)
+                    if eval is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
+                        history["eval"].append(self.evaluate(eval))
+                        self.model.train()
+                if eval is not None and not cfg.eval_every:
                     history["eval"].append(self.evaluate(eval))
                     self.model.train()
-            if eval is not None and not cfg.eval_every:
-                history["eval"].append(self.evaluate(eval))
-                self.model.train()
         progress.close()
+        if cfg.save_every and self.global_step % cfg.save_every:
+            checkpoint(*position)
         if cfg.save_model:
             path = self.save(os.path.join(cfg.output_dir, "model"))
             self._log(f"model saved to {path}")
@@ -383,7 +421,31 @@ def _summarise(window_stats: list[dict], seconds: float, step: int, epoch: int) 
     }
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+class _StopOnSignal:
+    """While active, SIGTERM and SIGINT only record the signal; the loop checks it after each step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False

@@ -1,0 +1,284 @@
+"""Training-state checkpoints: atomic, checksummed, resumable, and free of pickles.
+
+A checkpoint is a folder `checkpoints/step-00000123/`:
+
+    model.safetensors      the trainable tensors only when fewer than half the parameters train (BitFit,
+                           LoRA), else every tensor of the state dict
+    optimizer.safetensors  the optimizer's per-parameter state, flattened (`state.<i>.<key>`)
+    rng.safetensors        torch CPU (and CUDA) generator states
+    state.json             step, epoch, position in the epoch, scheduler, scaler, python/numpy RNG, the config,
+                           the trainable names, a fingerprint of the model and of the data, optimizer groups
+    manifest.json          size and SHA-256 of every file above; written last
+
+It is written into a temporary folder, each file flushed and fsynced, then renamed into place; the
+`latest` pointer file is replaced (os.replace) only after that. A kill at any moment leaves either the
+old `latest` or the new complete checkpoint. Loading checks the manifest first, and reads tensors only
+through safetensors and everything else through JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+# Config fields that must match for an exact resume (the rest, e.g. output_dir or log_every, may change).
+RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "group_by_length", "max_source_length", "max_target_length",
+                     "lr", "weight_decay", "betas", "eps", "no_decay", "lr_overrides", "schedule", "warmup_ratio",
+                     "warmup_steps", "epochs", "max_steps", "label_smoothing", "precision", "max_grad_norm")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, incomplete, or for another model, data or config."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Names, shapes and dtypes of the state dict: equal for the same architecture."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    return h.hexdigest()
+
+
+def data_fingerprint(examples) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes() + b"|")
+        h.update(np.asarray(e.labels, dtype=np.int64).tobytes() + b";")
+    return h.hexdigest()
+
+
+def _trainable(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    params = dict(model.named_parameters())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    total = sum(p.numel() for p in params.values())
+    if trainable * 2 < total:
+        return {n: p.detach() for n, p in params.items() if p.requires_grad}, True
+    state = model.state_dict()
+    seen, out = set(), {}
+    for name, tensor in state.items():  # tied tensors once (safetensors refuses shared storage)
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach()
+    return out, False
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                               float(np_state[4])]}
+
+
+def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progress: dict, config: dict,
+                    keep_last: int = 2) -> str:
+    """Write one checkpoint atomically under `directory` and point `latest` at it; prune to `keep_last`."""
+    os.makedirs(directory, exist_ok=True)
+    name = f"step-{progress['step']:08d}"
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model_tensors, sparse = _model_tensors(model)
+    save_file({k: v.contiguous() for k, v in model_tensors.items()}, os.path.join(tmp, "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {
+        **progress, "config": config, "sparse_model": sparse, "trainable": _trainable(model),
+        "model_fingerprint": model_fingerprint(model), "base_model": getattr(model.config, "_name_or_path", None),
+        "optimizer": opt_meta, "scheduler": sched, "scaler": scaler.state_dict() if scaler else None, "rng": rng_meta,
+    }
+    _fsync_write_json(os.path.join(tmp, "state.json"), state)
+    for f in FILES[:3]:
+        _fsync(os.path.join(tmp, f))
+    manifest = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
+                for f in FILES}
+    _fsync_write_json(os.path.join(tmp, MANIFEST), manifest)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(directory)
+    pointer_tmp = os.path.join(directory, f".{LATEST}.tmp")
+    with open(pointer_tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, os.path.join(directory, LATEST))
+    for old in list_checkpoints(directory)[:-keep_last]:
+        shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Complete-looking checkpoint folders, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if re.fullmatch(r"step-\d{8}", n)]
+    return sorted(names)
+
+
+def verify(path: str) -> None:
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete")
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    for name, expected in manifest.items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise CheckpointError(f"{file}: missing")
+        size = os.path.getsize(file)
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, {expected['bytes']} were written (truncated or corrupt)")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: checksum differs from the one recorded at save time (corrupt)")
+
+
+def find_checkpoint(directory: str, resume: str) -> str:
+    """Resolve `resume` ("latest" or a path) to a verified checkpoint folder.
+
+    "latest" falls back to the newest older checkpoint that verifies, saying so; a path must verify.
+    """
+    if resume != "latest":
+        verify(resume)
+        return resume
+    pointer = os.path.join(directory, LATEST)
+    candidates = list_checkpoints(directory)
+    if os.path.exists(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            named = f.read().strip()
+        candidates = [c for c in candidates if c <= named]
+    if not candidates:
+        raise CheckpointError(f"{directory}: no checkpoint to resume from")
+    errors = []
+    for name in reversed(candidates):
+        path = os.path.join(directory, name)
+        try:
+            verify(path)
+        except CheckpointError as err:
+            errors.append(str(err))
+            continue
+        if errors:
+            warnings.warn(f"resume='latest': skipped a bad checkpoint ({'; '.join(errors)}); falling back to {path}",
+                          stacklevel=2)
+        return path
+    raise CheckpointError(f"{directory}: no usable checkpoint: " + "; ".join(errors))
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict, data_hash: str) -> dict:
+    """Check compatibility, then restore model tensors, optimizer, scheduler, scaler and RNG; returns state.json."""
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    problems = []
+    if state["model_fingerprint"] != model_fingerprint(model):
+        problems.append("the model differs (parameter names or shapes)")
+    if state["trainable"] != _trainable(model):
+        ours, theirs = set(_trainable(model)), set(state["trainable"])
+        problems.append(f"the trainable parameters differ ({len(ours - theirs)} trainable now but not then, "
+                        f"{len(theirs - ours)} then but not now, e.g. {sorted(ours ^ theirs)[:2]})")
+    for key in RESUME_MUST_MATCH:
+        saved, now = state["config"].get(key), config.get(key)
+        if _normalise(saved) != _normalise(now):
+            problems.append(f"config.{key} was {saved!r}, is now {now!r}")
+    if state["data_fingerprint"] != data_hash:
+        problems.append("the training data differ (tokenised examples)")
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)
+    opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    opt_state: dict = {}
+    for key, value in opt_tensors.items():
+        _, index, name = key.split(".", 2)
+        opt_state.setdefault(int(index), {})[name] = value
+    for key, value in state["optimizer"]["scalars"].items():
+        index, name = key.split(".", 1)
+        opt_state.setdefault(int(index), {})[name] = value
+    current = optimizer.state_dict()
+    groups = [{**g, **({"names": c["names"]} if "names" in c else {})}
+              for g, c in zip(state["optimizer"]["param_groups"], current["param_groups"])]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py = state["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["rng"]["numpy"]
+    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    return state
+
+
+def _normalise(value):
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
