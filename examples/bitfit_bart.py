@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import load_model
 
-from finetune import Engine, TrainConfig, bitfit, read_pairs  # noqa: E402
-from finetune.datasets import codespell_pairs  # noqa: E402
-from finetune.models import ModelNotAvailable, load_seq2seq, tiny_bart  # noqa: E402
+from finetune import Engine, TrainConfig, bitfit, read_pairs
+from finetune.datasets import codespell_pairs
+from finetune.models import tiny_bart
 
 
 def main(argv=None):
@@ -32,16 +32,7 @@ def main(argv=None):
     ap.add_argument("--output-dir", default="runs/bitfit_bart")
     args = ap.parse_args(argv)
 
-    if args.model == "tiny":
-        print("--model tiny: a small RANDOMLY INITIALISED BART with a character tokenizer (smoke run only)")
-        model, tokenizer = tiny_bart(d_model=64, layers=2)
-    else:
-        try:
-            model, tokenizer = load_seq2seq(args.model)
-        except ModelNotAvailable as err:
-            print(f"bitfit_bart.py: {err}\n  Try: --model tiny (offline smoke run) or --model /path/to/a/bart/folder",
-                  file=sys.stderr)
-            return 2
+    model, tokenizer = load_model(args.model, tiny_bart, "bitfit_bart.py")
     report = bitfit(model)
     print(report)
 

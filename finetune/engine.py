@@ -29,11 +29,12 @@ from torch import nn
 
 from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Collator, LengthGroupedBatches, read_pairs, tokenize_pairs
+from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
 from .freeze import trainable_report
 from .masks import IGNORE_INDEX
 from .metrics import GenerationMetrics
 from .models import is_t5_family, resolve_special_tokens
+from .noise import NoiseConfig, add_noise
 from .optim import build_adamw, build_scheduler, describe_groups, param_groups
 
 
@@ -65,8 +66,10 @@ class TrainingStopped(RuntimeError):
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer, config: TrainConfig | None = None):
+    def __init__(self, model: nn.Module, tokenizer, config: TrainConfig | None = None,
+                 noise: NoiseConfig | None = None):
         self.config = config or TrainConfig()
+        self.noise = noise  # BART-style corruption of training sources, fresh each epoch
         self.tokenizer = tokenizer
         self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._check_precision(model)
@@ -105,6 +108,13 @@ class Engine:
                                           self.tokens.decoder_start)
         self._log(f"{name}: {report}")
         return pairs, examples
+
+    def _noised(self, example: Example, epoch: int, index: int) -> Example:
+        """The training source corrupted by `self.noise`, seeded by (seed, epoch, index): resumable."""
+        if self.noise is None or not self.noise.active:
+            return example
+        source = add_noise(example.input_ids, self.noise, self.tokenizer, seed=[self.config.seed, epoch, index])
+        return Example(source, example.labels)
 
     def _to_device(self, batch):
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -269,7 +279,8 @@ class Engine:
                         continue  # consumed before the checkpoint we resumed from
                     if self.global_step >= total_steps:
                         break
-                    window = [self.collate([examples[i] for i in b]) for b in batches[start:start + cfg.grad_accum]]
+                    window = [self.collate([self._noised(examples[i], epoch, i) for i in b])
+                              for b in batches[start:start + cfg.grad_accum]]
                     stats = self._step(window, optimizer, scheduler)
                     position = (epoch, window_index + 1)
                     window_stats.append(stats)

@@ -35,3 +35,10 @@ def test_spelling_example_smoke(tmp_path, method):
               "64", "--eval-size", "8", "--num-beams", "1", "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "edit distance | pairs | exact match" in out.stdout
+
+
+@pytest.mark.parametrize("noise", ["mask", "infill"])
+def test_bart_next_line_tiny(tmp_path, noise):
+    out = run("bart_next_line.py", "--model", "tiny", "--noise", noise, "--epochs", "2", "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "(line, next line) pairs" in out.stdout and "->" in out.stdout
