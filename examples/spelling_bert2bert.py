@@ -13,7 +13,6 @@ missing keys) train at --new-lr, everything pretrained at --lr. One rate cannot 
 import argparse
 import os
 import resource
-import re
 import sys
 import time
 
@@ -21,31 +20,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from finetune import Engine, TrainConfig, bitfit, freeze, trainable_report  # noqa: E402
+from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
-from finetune.lora import apply_lora  # noqa: E402
+from finetune.methods import METHODS, apply_method, exact_names_pattern  # noqa: E402
 from finetune.models import bert2bert, minilm_path, tiny_bert2bert  # noqa: E402
 
-METHODS = ("full", "frozen-encoder", "bitfit", "lora")
 # LoRA on the pretrained self-attention query/value projections; the new tensors train in full.
 LORA_TARGETS = [r"^(encoder|decoder\.bert)\.encoder\.layer\.\d+\.attention\.self\.(query|value)$"]
-
-
-def new_parameter_pattern(names):
-    """One regex that matches exactly the newly initialised tensors (their module paths, layer index folded)."""
-    stems = sorted({re.sub(r"\.\d+\.", r".\\d+.", n) for n in names})
-    return "^(" + "|".join(s.replace(".", r"\.").replace(r"\\d+", r"\d+") for s in stems) + ")$"
-
-
-def apply_method(model, method, new_names):
-    new = [new_parameter_pattern(new_names)] if new_names else []
-    if method == "frozen-encoder":
-        freeze(model, [r"^encoder\."])
-    elif method == "bitfit":
-        bitfit(model, also=new)
-    elif method == "lora":
-        apply_lora(model, targets=LORA_TARGETS, r=16, alpha=32, dropout=0.05, also_train=new)
-    return model
 
 
 def main(argv=None):
@@ -73,12 +54,12 @@ def main(argv=None):
         built = bert2bert(minilm_path() if args.model == "minilm" else args.model)
         model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
         print(f"warm-started bert2bert: {len(new_names)} tensors newly initialised (cross-attention, LM-head transform)")
-    apply_method(model, args.method, new_names)
+    apply_method(model, args.method, new_names, lora_targets=LORA_TARGETS if args.model != "tiny" else None)
 
     train = codespell_pairs("train", limit=args.train_size, seed=args.seed)
     test = codespell_pairs("test", limit=args.eval_size, seed=args.seed)
     config = TrainConfig(
-        lr=args.lr, lr_overrides={new_parameter_pattern(new_names): args.new_lr} if new_names else {},
+        lr=args.lr, lr_overrides={exact_names_pattern(new_names): args.new_lr} if new_names else {},
         weight_decay=0.01, warmup_ratio=0.05, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, precision=args.precision, max_source_length=32, max_target_length=32,
         num_beams=args.num_beams, max_new_tokens=16, seed=args.seed, output_dir=args.output_dir,

@@ -97,24 +97,36 @@ def default_targets(model: nn.Module) -> list[str]:
     return FAMILY_TARGETS[model_type]
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or hasattr(module, "in_features") and hasattr(module, "out_features") \
-        and hasattr(module, "weight") and not isinstance(module, LoRALinear)
+def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers by module name: nn.Linear and the Int8Linear wrapper, not the parts inside wrappers."""
+    inside = set()
+    for module in model.modules():
+        if isinstance(module, LoRALinear) or is_int8(module):
+            inside.update(id(m) for m in module.modules() if m is not module)
+    return {name: m for name, m in model.named_modules()
+            if name and id(m) not in inside and (isinstance(m, (nn.Linear, LoRALinear)) or is_int8(m))}
+
+
+def is_int8(module: nn.Module) -> bool:
+    """An Int8Linear (finetune.int8), recognised without importing bitsandbytes."""
+    return getattr(type(module), "is_int8_linear", False)
 
 
 def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-               also_train=(), rslora: bool = False) -> list[str]:
+               also_train=(), rslora: bool = False, exclude=()) -> list[str]:
     """Wrap the linear layers whose module name matches a target regex; freeze everything else.
 
     `also_train` regexes name parameters that train in full beside the adapters (e.g. bert2bert's new
-    cross-attention). A target that matches no linear layer is an error naming it. Returns the wrapped
-    module names. The settings are kept on `model.lora_config` for `save_adapter`.
+    cross-attention); `exclude` regexes name modules never to wrap. A target that matches no linear layer
+    is an error naming it. Returns the wrapped module names. The settings are kept on `model.lora_config`
+    for `save_adapter`.
     """
     targets = list(targets) if targets else default_targets(model)
     regexes = _compile(targets, "apply_lora targets")
+    excluded = _compile(exclude, "apply_lora exclude")
     hits = {rx.pattern: [] for rx in regexes}
-    for name, module in list(model.named_modules()):
-        if not name or not _is_linear(module) or isinstance(module, LoRALinear) or name.endswith(".base_layer"):
+    for name, module in _linear_layers(model).items():
+        if isinstance(module, LoRALinear) or any(rx.search(name) for rx in excluded):
             continue
         matched = [rx for rx in regexes if rx.search(name)]
         if not matched:
@@ -252,7 +264,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     `save_pretrained` writes and `from_pretrained` loads with the same outputs. Works in place."""
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
-        if hasattr(base, "dequantize"):  # an int8 base: dequantise to a float nn.Linear first
+        if is_int8(base):  # an int8 base: dequantise to a float nn.Linear first
             base = base.dequantize()
             layer.base_layer = base
         layer.merge()

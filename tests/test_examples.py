@@ -29,7 +29,7 @@ def test_bitfit_bart_default_offline_says_what_to_do(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "frozen-encoder"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "frozen-encoder", "int8-lora"])
 def test_spelling_example_smoke(tmp_path, method):
     out = run("spelling_bert2bert.py", "--model", "tiny", "--method", method, "--max-steps", "3", "--train-size",
               "64", "--eval-size", "8", "--num-beams", "1", "--output-dir", str(tmp_path))
