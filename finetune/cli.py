@@ -1,0 +1,205 @@
+"""The `finetune` command (also `python -m finetune`).
+
+    finetune train CONFIG.toml [--set section.key=value ...] [--resume latest|PATH]
+    finetune eval --model DIR --data FILE [--num-beams N]
+    finetune generate --model DIR "text" ... [--num-beams N]
+    finetune report DIR            trainable report, metrics summary, loss / learning-rate plot (DIR/report.png)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .checkpoint import CheckpointError
+from .data import DataError, read_pairs
+from .models import ModelNotAvailable
+
+TINY = {"tiny-bart": "tiny_bart", "tiny-t5": "tiny_t5", "tiny-bert2bert": "tiny_bert2bert"}
+
+
+def build_model(section):
+    """(model, tokenizer, newly initialised parameter names) for a [model] section."""
+    from . import models
+
+    if section.name in TINY:
+        print(f"model {section.name}: a small RANDOMLY INITIALISED model with a character tokenizer")
+        model, tokenizer = getattr(models, TINY[section.name])()
+        return model, tokenizer, []
+    if section.name == "minilm" or section.bert2bert:
+        built = models.bert2bert(models.minilm_path() if section.name == "minilm" else section.name)
+        return built.model, built.tokenizer, built.new_parameters
+    model, tokenizer = models.load_seq2seq(section.name)
+    return model, tokenizer, []
+
+
+def load_data(spec: str | None, limit: int | None, seed: int, source_field: str, target_field: str):
+    if spec is None:
+        return None
+    if spec.startswith("codespell:"):
+        from .datasets import codespell_pairs
+
+        return codespell_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
+    pairs = read_pairs(spec, source_field, target_field)
+    return pairs[:limit] if limit else pairs
+
+
+def cmd_train(args) -> int:
+    from .engine import Engine
+    from .freeze import freeze, trainable_report, unfreeze
+    from .methods import apply_method, exact_names_pattern
+    from .run_config import load_run_config
+
+    run = load_run_config(args.config, args.set)
+    model, tokenizer, new = build_model(run.model)
+    m = run.method
+    apply_method(model, m.name, new, lora_targets=m.lora_targets, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
+                 lora_dropout=m.lora_dropout, add_missing_biases=m.add_missing_biases, int8_threshold=m.int8_threshold)
+    if m.freeze:
+        freeze(model, m.freeze)
+    if m.unfreeze:
+        unfreeze(model, m.unfreeze)
+    train_cfg = run.train
+    if run.model.new_lr and new:
+        train_cfg.lr_overrides = {exact_names_pattern(new): run.model.new_lr, **train_cfg.lr_overrides}
+    cfg = train_cfg
+    train = load_data(run.data.train, run.data.train_limit, cfg.seed, cfg.source_field, cfg.target_field)
+    evaluation = load_data(run.data.eval, run.data.eval_limit, cfg.seed, cfg.source_field, cfg.target_field)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "trainable.txt"), "w", encoding="utf-8") as f:
+        f.write(str(trainable_report(model)) + "\n")
+    with open(os.path.join(cfg.output_dir, "run_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"config_file": os.path.abspath(args.config), "overrides": args.set,
+                   **{k: _plain(getattr(run, k)) for k in ("model", "method", "data", "train", "noise")}}, f, indent=1)
+    engine = Engine(model, tokenizer, cfg, noise=run.noise)
+    history = engine.fit(train, eval=evaluation, resume=args.resume)
+    if history["eval"]:
+        print(json.dumps(history["eval"][-1], indent=1))
+    return 0
+
+
+def _plain(section):
+    if section is None:
+        return None
+    return {k: v for k, v in dataclasses.asdict(section).items() if not callable(v)}
+
+
+def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str | None, max_new_tokens: int):
+    from .config import TrainConfig
+    from .engine import Engine
+    from .models import load_seq2seq
+
+    if not os.path.isdir(model_dir):
+        raise ModelNotAvailable(f"--model {model_dir}: not a folder (pass the model/ folder a training run wrote)")
+    model, tokenizer = load_seq2seq(model_dir)
+    cfg = TrainConfig(num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      output_dir=output_dir or os.path.join(model_dir, "eval"), progress=False)
+    return Engine(model, tokenizer, cfg)
+
+
+def cmd_eval(args) -> int:
+    engine = _engine_for(args.model, args.num_beams, args.batch_size, args.output_dir, args.max_new_tokens)
+    metrics = engine.evaluate(args.data)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    engine = _engine_for(args.model, args.num_beams, args.batch_size, None, args.max_new_tokens)
+    for text, out in zip(args.texts, engine.generate(args.texts)):
+        print(f"{text}\t{out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    path = os.path.join(args.dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file (is {args.dir} the output_dir of a training run?)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{line_no}: invalid JSON") from None
+    train = [r for r in rows if r.get("split") == "train"]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    trainable = os.path.join(args.dir, "trainable.txt")
+    if os.path.exists(trainable):
+        print(open(trainable, encoding="utf-8").read().rstrip())
+    if train:
+        print(f"train: {len(train)} records, steps {train[0]['step']}..{train[-1]['step']}, loss "
+              f"{train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}, token accuracy {train[-1]['token_accuracy']:.3f}, "
+              f"{sum(r['samples_per_s'] for r in train) / len(train):.1f} samples/s")
+    if evals:
+        last = evals[-1]
+        print(f"eval (step {last.get('step')}): loss {last['loss']:.4f}, exact match {last['exact_match']:.3f}, "
+              f"ROUGE-L {last.get('rougeL', 0):.3f}")
+        for b, v in last.get("by_edit_distance", {}).items():
+            print(f"  edit distance {b:>3}: {v['exact_match']:.3f} ({v['n']} pairs)")
+    if train:
+        png = args.png or os.path.join(args.dir, "report.png")
+        plot_history(train, evals, png)
+        print(f"plot: {png}")
+    return 0
+
+
+def plot_history(train, evals, png: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ModelNotAvailable("the plot needs matplotlib: pip install -e '.[examples]'") from err
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    steps = [r["step"] for r in train]
+    ax_loss.plot(steps, [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_lr.plot(steps, [r["lr"] for r in train], color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="finetune", description="Fine-tune encoder-decoder transformers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a TOML run file")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    t.set_defaults(func=cmd_train)
+    for name, func in (("eval", cmd_eval), ("generate", cmd_generate)):
+        p = sub.add_parser(name, help=f"{name} with a saved model folder")
+        p.add_argument("--model", required=True)
+        p.add_argument("--num-beams", type=int, default=4)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        if name == "eval":
+            p.add_argument("--data", required=True)
+            p.add_argument("--output-dir", default=None)
+        else:
+            p.add_argument("texts", nargs="+")
+        p.set_defaults(func=func)
+    r = sub.add_parser("report", help="summarise a run folder and plot its loss and learning rate")
+    r.add_argument("dir")
+    r.add_argument("--png", default=None)
+    r.set_defaults(func=cmd_report)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, DataError, ModelNotAvailable, CheckpointError, FileNotFoundError, ImportError) as err:
+        print(f"finetune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

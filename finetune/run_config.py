@@ -1,0 +1,122 @@
+"""The TOML run file of `finetune train`: model, method, data, train (TrainConfig) and noise sections.
+
+    [model]   name = "minilm" | "tiny-bart" | "tiny-t5" | "tiny-bert2bert" | a folder or hub name
+              bert2bert = true   (warm-start an EncoderDecoderModel from the BERT checkpoint `name`)
+              new_lr = 1e-3      (learning rate of the newly initialised tensors)
+    [method]  name = "full" | "frozen-encoder" | "bitfit" | "lora" | "int8-lora", and its settings
+    [data]    train = "file.jsonl" | "codespell:train", eval = ..., train_limit / eval_limit
+    [train]   any TrainConfig field
+    [noise]   any NoiseConfig field (optional)
+
+Unknown sections and keys, and values of the wrong type, are errors naming the file, section and key.
+`--set section.key=value` overrides a value (parsed as a TOML value, else taken as a string).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+from .config import TrainConfig, _fits
+from .methods import METHODS
+from .noise import NoiseConfig
+
+
+@dataclass
+class ModelSection:
+    name: str = "minilm"
+    bert2bert: bool = False
+    new_lr: float | None = None
+
+
+@dataclass
+class MethodSection:
+    name: str = "full"
+    freeze: list[str] = field(default_factory=list)
+    unfreeze: list[str] = field(default_factory=list)
+    lora_targets: list[str] | None = None
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    add_missing_biases: bool = False
+    int8_threshold: float = 6.0
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"[method] name = {self.name!r}: choose one of {', '.join(METHODS)}")
+
+
+@dataclass
+class DataSection:
+    train: str = "codespell:train"
+    eval: str | None = None
+    train_limit: int | None = None
+    eval_limit: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection
+    method: MethodSection
+    data: DataSection
+    train: TrainConfig
+    noise: NoiseConfig | None = None
+
+
+SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "train": TrainConfig,
+            "noise": NoiseConfig}
+
+
+def _section(cls, values: dict, where: str):
+    if cls is TrainConfig:
+        return TrainConfig.from_dict(values, where)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        if key == "protect" and cls is NoiseConfig:
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: key 'protect' must be a rule name such as \"last_word\"")
+            continue
+        if not _fits(value, hints[key]):
+            raise ValueError(f"{where}: key '{key}' has {type(value).__name__} {value!r}, expected {hints[key]}")
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"--set {text!r}: expected section.key=value, e.g. train.lr=3e-4")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_run_config(path: str, overrides=()) -> RunConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML: {err}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    for name in raw:
+        if name not in SECTIONS:
+            raise ValueError(f"{path}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(raw[name], dict):
+            raise ValueError(f"{path}: '{name}' must be a [section]")
+    built = {name: _section(cls, raw.get(name, {}), f"{path} [{name}]") for name, cls in SECTIONS.items()
+             if name != "noise"}
+    noise = _section(NoiseConfig, raw["noise"], f"{path} [noise]") if "noise" in raw else None
+    return RunConfig(noise=noise, **built)

@@ -1,0 +1,110 @@
+"""The `finetune` command: train / eval / generate / report, and the run-file errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from finetune.cli import main
+from finetune.run_config import load_run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = """
+[model]
+name = "tiny-bart"
+[method]
+name = "{method}"
+[data]
+train = "{train}"
+eval = "{train}"
+[train]
+lr = 3e-3
+epochs = 30
+batch_size = 8
+output_dir = "{out}"
+log_every = 10
+progress = false
+num_beams = 1
+"""
+
+
+def write_run(tmp_path, method="full"):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n"
+                            for s, t in [("teh", "the"), ("adress", "address"), ("wich", "which")]))
+    out = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text(TINY.format(method=method, train=data, out=out))
+    return config, data, out
+
+
+def test_train_eval_generate_report(tmp_path, capsys):
+    config, data, out = write_run(tmp_path)
+    assert main(["train", str(config), "--set", "train.epochs=250", "--set", "train.lr=1e-2"]) == 0
+    assert (out / "model" / "model.safetensors").exists()
+    assert json.loads((out / "run_config.json").read_text())["train"]["epochs"] == 250
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "model"), "--data", str(data), "--num-beams", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["exact_match"] == 1.0
+    assert main(["generate", "--model", str(out / "model"), "teh", "wich"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["teh\tthe", "wich\twhich"]
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "trainable parameters:" in report and "exact match 1.000" in report
+    assert (out / "report.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["bitfit", "lora", "frozen-encoder"])
+def test_train_methods(tmp_path, method):
+    config, _, out = write_run(tmp_path, method)
+    assert main(["train", str(config), "--set", "train.epochs=1"]) == 0
+    report = (out / "trainable.txt").read_text()
+    assert "trainable parameters:" in report and "(100.0000%)" not in report
+
+
+@pytest.mark.parametrize("body,message", [
+    ("[train]\nlr = 1e-4\nlearning_rate = 3\n", r"\[train\]: unknown key 'learning_rate'"),
+    ("[train]\nlr = \"fast\"\n", r"\[train\]: key 'lr' has str 'fast'"),
+    ("[method]\nname = \"prefix-tuning\"\n", r"\[method\]: \[method\] name = 'prefix-tuning': choose one of"),
+    ("[method]\nlora_rank = 4\n", r"\[method\]: unknown key 'lora_rank'"),
+    ("[modle]\nname = \"x\"\n", r"unknown section \[modle\]"),
+    ("[train]\nlr = \n", r"invalid TOML.*line 2"),
+    ("[noise]\nmask_rate = 2.0\n", r"\[noise\]: NoiseConfig.mask_rate=2.0"),
+    ("[train]\nbatch_size = 0\n", r"TrainConfig.batch_size=0: must be >= 1"),
+])
+def test_config_errors_name_the_key(tmp_path, body, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=message):
+        load_run_config(str(path))
+
+
+def test_set_overrides_and_bad_set(tmp_path):
+    config, _, _ = write_run(tmp_path)
+    run = load_run_config(str(config), ["train.lr=0.5", "method.name=lora", "data.train_limit=2"])
+    assert run.train.lr == 0.5 and run.method.name == "lora" and run.data.train_limit == 2
+    with pytest.raises(ValueError, match="expected section.key=value"):
+        load_run_config(str(config), ["lr=3"])
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlearning_rate = 1\n")
+    out = subprocess.run([sys.executable, "-m", "finetune", "train", str(bad)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert "unknown key 'learning_rate'" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "finetune", "eval", "--model", str(tmp_path / "nope"), "--data", "x"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "not a folder" in out.stderr
+
+
+def test_shipped_configs_parse():
+    folder = os.path.join(ROOT, "examples", "configs")
+    names = sorted(os.listdir(folder))
+    assert "spelling_minilm.toml" in names
+    for name in names:
+        load_run_config(os.path.join(folder, name))
