@@ -11,8 +11,10 @@ The recipe: the newly initialised tensors (cross-attention, LM-head transform: t
 missing keys) train at --new-lr, everything pretrained at --lr. One rate cannot serve both.
 """
 import argparse
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -44,7 +46,11 @@ def main(argv=None):
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--output-dir", default="runs/spelling")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", action="store_true", help="run every method (each in its own process) and tabulate")
+    ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args, argv if argv is not None else sys.argv[1:])
 
     if args.model == "tiny":
         print("--model tiny: a small RANDOMLY INITIALISED bert2bert with a character tokenizer (smoke run only)")
@@ -82,9 +88,76 @@ def main(argv=None):
     sources = [s for s, _ in test[:8]]
     for (s, t), p in zip(test[:8], engine.generate(sources)):
         print(f"  {s!r:>22} -> {p!r:<22} (want {t!r})")
-    return metrics
+    if args.result_json:
+        steps = engine.global_step
+        with open(args.result_json, "w", encoding="utf-8") as f:
+            json.dump({"method": args.method, "trainable": report.trainable, "total": report.total,
+                       "exact_match": metrics["exact_match"], "by_edit_distance": metrics["by_edit_distance"],
+                       "samples_per_s": steps * args.batch_size / train_seconds, "train_seconds": train_seconds,
+                       "peak_rss_mib": peak_mib}, f)
+    return 0
+
+
+def compare(args, argv):
+    """Every method in a fresh process (so each peak memory is its own), then one table, markdown and PNG."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    passthrough = [a for a in argv if a != "--compare"]
+    results = []
+    for method in METHODS:
+        out = os.path.join(args.output_dir, method)
+        result = os.path.join(out, "result.json")
+        os.makedirs(out, exist_ok=True)
+        # argparse keeps the last value of a repeated flag: these override the user's --method / --output-dir
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
+               "--output-dir", out, "--result-json", result]
+        print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True)
+        with open(result, encoding="utf-8") as f:
+            results.append(json.load(f))
+    table = markdown_table(results)
+    print("\n" + table)
+    with open(os.path.join(args.output_dir, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    chart(results, os.path.join(args.output_dir, "compare.png"))
+    print(f"\nsaved {os.path.join(args.output_dir, 'compare.md')} and compare.png")
+    return 0
+
+
+BUCKETS = ("1", "2", "3", "4", "5", "6+")
+
+
+def markdown_table(results) -> str:
+    head = "| method | trainable params | " + " | ".join(f"ed {b}" for b in BUCKETS) + \
+        " | all | samples/s | peak RSS MiB |"
+    rule = "|" + "---|" * (len(BUCKETS) + 5)
+    rows = []
+    for r in results:
+        cells = [f"{r['by_edit_distance'][b]['exact_match']:.3f}" if b in r["by_edit_distance"] else "-"
+                 for b in BUCKETS]
+        rows.append(f"| {r['method']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | "
+                    + " | ".join(cells) + f" | **{r['exact_match']:.3f}** | {r['samples_per_s']:.1f} | "
+                    f"{r['peak_rss_mib']:.0f} |")
+    return "\n".join([head, rule, *rows])
+
+
+def chart(results, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, label in zip(axes, ("exact_match", "samples_per_s", "peak_rss_mib"),
+                              ("exact match (test)", "samples/s (train)", "peak RSS (MiB)")):
+        ax.bar(names, [r[key] for r in results], color="tab:blue")
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    main()
+    sys.exit(main())
