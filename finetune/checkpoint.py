@@ -116,7 +116,8 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's random generators: torch (CPU, CUDA) as tensors, python and numpy as JSON values."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -129,8 +130,11 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progress: dict, config: dict,
-                    keep_last: int = 2) -> str:
-    """Write one checkpoint atomically under `directory` and point `latest` at it; prune to `keep_last`."""
+                    keep_last: int = 2, rng_states: list | None = None) -> str:
+    """Write one checkpoint atomically under `directory` and point `latest` at it; prune to `keep_last`.
+
+    `rng_states` holds every rank's `rng_state()` (rank order); by default this process's alone.
+    """
     os.makedirs(directory, exist_ok=True)
     name = f"step-{progress['step']:08d}"
     final = os.path.join(directory, name)
@@ -141,7 +145,9 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progres
     save_file({k: v.contiguous() for k, v in model_tensors.items()}, os.path.join(tmp, "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
+    rng_states = rng_states or [rng_state()]
+    rng_tensors = {f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rng_states) for k, v in tensors.items()}
+    rng_meta = [meta for _, meta in rng_states]
     save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {
@@ -226,11 +232,17 @@ def find_checkpoint(directory: str, resume: str) -> str:
     raise CheckpointError(f"{directory}: no usable checkpoint: " + "; ".join(errors))
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict, data_hash: str) -> dict:
-    """Check compatibility, then restore model tensors, optimizer, scheduler, scaler and RNG; returns state.json."""
+def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict, data_hash: str,
+                    rank: int = 0, world_size: int = 1) -> dict:
+    """Check compatibility, then restore model tensors, optimizer, scheduler, scaler and this rank's RNG;
+    returns state.json."""
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     problems = []
+    saved_world = state.get("world_size", 1)
+    if saved_world != world_size:
+        problems.append(f"it was written by {saved_world} process(es) and this run has {world_size}: the batches "
+                        "each rank saw and its random state do not carry over; resume with the same world size")
     if state["model_fingerprint"] != model_fingerprint(model):
         problems.append("the model differs (parameter names or shapes)")
     if state["trainable"] != _trainable(model):
@@ -267,13 +279,14 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     rng = load_file(os.path.join(path, "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    prefix = f"rank{rank}."
+    torch.set_rng_state(rng[prefix + "torch_cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith(prefix + "torch_cuda_")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    py = state["rng"]["python"]
+    py = state["rng"][rank]["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    npy = state["rng"]["numpy"]
+    npy = state["rng"][rank]["numpy"]
     np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
     return state
 

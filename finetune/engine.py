@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
 from .freeze import trainable_report
@@ -72,9 +73,13 @@ class Engine:
         self.noise = noise  # BART-style corruption of training sources, fresh each epoch
         self.tokenizer = tokenizer
         self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = distributed.init_from_env(self.device.type == "cuda")  # torchrun: one rank of several
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self._check_precision(model)
         self.tokens = resolve_special_tokens(model, tokenizer)
         self.model = model.to(self.device)
+        self.train_model = self.model  # the DistributedDataParallel wrapper under torchrun
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
         self.global_step = 0
@@ -142,7 +147,7 @@ class Engine:
         return groups, optimizer, scheduler
 
     def _log(self, message: str):
-        if self.config.progress:
+        if self.config.progress and self.dist.is_main:
             print(message, flush=True)
 
     # ------------------------------------------------------------------------------------------
@@ -151,20 +156,27 @@ class Engine:
     def _step(self, window, optimizer, scheduler) -> dict:
         """One optimizer step over a window of `grad_accum` micro-batches."""
         cfg = self.config
-        model = self.model
-        window_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
+        model, world = self.train_model, self.dist.world_size
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
+        window_tokens = int(distributed.all_sum([local_tokens], self.dist, self.device)[0])  # over every rank
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for batch in window:
+        for i, batch in enumerate(window):
             batch = self._to_device(batch)
-            with self.autocast():
-                logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
-            batch_loss, batch_correct = token_loss(logits, batch["labels"], cfg.label_smoothing)
-            loss = batch_loss / window_tokens  # normalised over the whole window: k x b == k*b
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            last = i == len(window) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
+            with sync:  # under DDP, gradients are all-reduced once per window, on its last micro-batch
+                with self.autocast():
+                    logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+                batch_loss, batch_correct = token_loss(logits, batch["labels"], cfg.label_smoothing)
+                # normalised over the whole window on every rank: k x b == k*b, and N ranks x b == N*b
+                # (DDP averages gradients over ranks, hence the factor `world`)
+                loss = batch_loss * world / window_tokens
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += batch_loss.detach()
             correct += batch_correct
-        loss_value = float(loss_sum) / window_tokens
+        loss_total, correct_total = distributed.all_sum([float(loss_sum), float(correct)], self.dist, self.device)
+        loss_value = loss_total / window_tokens
 
         if not self._checked_gradients:
             self._check_gradients()
@@ -197,9 +209,9 @@ class Engine:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        return {"loss": loss_value, "token_accuracy": int(correct) / window_tokens, "lr": lr,
+        return {"loss": loss_value, "token_accuracy": correct_total / window_tokens, "lr": lr,
                 "grad_norm": grad_norm, "skipped": skipped, "tokens": window_tokens,
-                "samples": sum(len(b["labels"]) for b in window)}
+                "samples": sum(len(b["labels"]) for b in window) * world}
 
     def _check_gradients(self):
         """After the first backward: every trainable tensor has a gradient, and not all of them are zero.
@@ -235,8 +247,14 @@ class Engine:
         set_seed(cfg.seed)
         os.makedirs(cfg.output_dir, exist_ok=True)
         _, examples = self._tokenized(train, "train")
-        sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size,
+        world, rank = self.dist.world_size, self.dist.rank
+        # global micro-batches of batch_size x world; rank r takes every world-th example of each
+        sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size * world,
                                        cfg.seed, cfg.group_by_length)
+        if self.dist.enabled and len(examples) % (cfg.batch_size * world) and len(examples) % (
+                cfg.batch_size * world) < world:
+            raise ValueError(f"{len(examples)} examples leave a last global batch smaller than the {world} ranks; "
+                             "drop or add a few examples")
         steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         epochs = math.ceil(total_steps / steps_per_epoch)
@@ -245,29 +263,42 @@ class Engine:
             self._enable_checkpointing()
         self.model.train()
         self._log(str(trainable_report(self.model)))
+        if self.dist.enabled and self.train_model is self.model:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # only trainable tensors are registered, so frozen ones (BitFit, LoRA) need no unused-parameter search
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
         groups, optimizer, scheduler = self._build_optimizer(total_steps, warmup)
         self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
-                  f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}, precision {cfg.precision}, "
-                  f"device {self.device}")
+                  f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), precision "
+                  f"{cfg.precision}, device {self.device}")
         checkpoints = os.path.join(cfg.output_dir, "checkpoints")
         data_hash = data_fingerprint(examples)
         self.global_step, start_epoch, start_window = 0, 0, 0
         if resume:
             path = find_checkpoint(checkpoints, resume)
-            state = load_checkpoint(path, self.model, optimizer, scheduler, self.scaler, cfg.to_dict(), data_hash)
+            state = load_checkpoint(path, self.model, optimizer, scheduler, self.scaler, cfg.to_dict(), data_hash,
+                                    rank=rank, world_size=world)
             self.global_step, start_epoch, start_window = state["step"], state["epoch"], state["window"]
             self._nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
             self._checked_gradients = True
-            print(f"resumed from {path} at step {self.global_step}", flush=True)
+            if self.dist.is_main:
+                print(f"resumed from {path} at step {self.global_step}", flush=True)
 
         def checkpoint(epoch, window):
-            progress = {"step": self.global_step, "epoch": epoch, "window": window, "data_fingerprint": data_hash,
-                        "nonfinite_in_a_row": self._nonfinite_in_a_row}
-            return save_checkpoint(checkpoints, self.model, optimizer, scheduler, self.scaler, progress,
-                                   cfg.to_dict(), cfg.keep_last)
+            rng = distributed.gather_objects(rng_state(), self.dist)  # every rank's generators
+            path = None
+            if self.dist.is_main:
+                progress = {"step": self.global_step, "epoch": epoch, "window": window, "data_fingerprint": data_hash,
+                            "nonfinite_in_a_row": self._nonfinite_in_a_row, "world_size": world}
+                path = save_checkpoint(checkpoints, self.model, optimizer, scheduler, self.scaler, progress,
+                                       cfg.to_dict(), cfg.keep_last, rng_states=rng)
+            distributed.barrier(self.dist)
+            return path
 
         history = {"train": [], "eval": []}
-        progress = _progress(total_steps, cfg.progress, initial=self.global_step)
+        progress = _progress(total_steps, cfg.progress and self.dist.is_main, initial=self.global_step)
         window_stats, started = [], time.perf_counter()
         position = (start_epoch, start_window)  # (epoch, windows of it consumed): where a resume picks up
         with _StopOnSignal() as stop:
@@ -279,7 +310,7 @@ class Engine:
                         continue  # consumed before the checkpoint we resumed from
                     if self.global_step >= total_steps:
                         break
-                    window = [self.collate([self._noised(examples[i], epoch, i) for i in b])
+                    window = [self.collate([self._noised(examples[i], epoch, i) for i in b[rank::world]])
                               for b in batches[start:start + cfg.grad_accum]]
                     stats = self._step(window, optimizer, scheduler)
                     position = (epoch, window_index + 1)
@@ -287,32 +318,42 @@ class Engine:
                     progress.update(1)
                     if self.global_step % cfg.log_every == 0 or self.global_step == total_steps:
                         record = _summarise(window_stats, time.perf_counter() - started, self.global_step, epoch)
+                        record["samples_per_s_per_rank"] = record["samples_per_s"] / world
                         history["train"].append(record)
                         self._append_metrics(record)
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                              samples_s=f"{record['samples_per_s']:.1f}")
                         window_stats, started = [], time.perf_counter()
-                    if stop.signum is not None:
+                    signum = stop.signum if not self.dist.enabled else distributed.broadcast_object(stop.signum,
+                                                                                                     self.dist)
+                    if signum is not None:
                         path = checkpoint(*position)
                         progress.close()
-                        print(f"\nstopped by signal {stop.signum} after step {self.global_step}; checkpoint: {path}\n"
-                              f"resume with engine.fit(..., resume='latest')", flush=True)
-                        raise SystemExit(128 + stop.signum)
+                        if self.dist.is_main:
+                            print(f"\nstopped by signal {signum} after step {self.global_step}; checkpoint: {path}\n"
+                                  f"resume with engine.fit(..., resume='latest')", flush=True)
+                        raise SystemExit(128 + signum)
                     if cfg.save_every and self.global_step % cfg.save_every == 0:
                         checkpoint(*position)
                     if eval is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
-                        history["eval"].append(self.evaluate(eval))
-                        self.model.train()
+                        self._evaluate_during_fit(eval, history)
                 if eval is not None and not cfg.eval_every:
-                    history["eval"].append(self.evaluate(eval))
-                    self.model.train()
+                    self._evaluate_during_fit(eval, history)
         progress.close()
         if cfg.save_every and self.global_step % cfg.save_every:
             checkpoint(*position)
-        if cfg.save_model:
+        if cfg.save_model and self.dist.is_main:
             path = self.save(os.path.join(cfg.output_dir, "model"))
             self._log(f"model saved to {path}")
+        distributed.barrier(self.dist)
         return history
+
+    def _evaluate_during_fit(self, data, history):
+        """Under torchrun, rank 0 evaluates (on the unwrapped model) while the others wait."""
+        if self.dist.is_main:
+            history["eval"].append(self.evaluate(data))
+        distributed.barrier(self.dist)
+        self.model.train()
 
     @torch.inference_mode()
     def evaluate(self, data, num_beams: int | None = None, max_new_tokens: int | None = None,
@@ -413,6 +454,8 @@ class Engine:
         return path
 
     def _append_metrics(self, record: dict):
+        if not self.dist.is_main:
+            return
         os.makedirs(self.config.output_dir, exist_ok=True)
         with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

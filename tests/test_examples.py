@@ -42,3 +42,24 @@ def test_bart_next_line_tiny(tmp_path, noise):
     out = run("bart_next_line.py", "--model", "tiny", "--noise", noise, "--epochs", "2", "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "(line, next line) pairs" in out.stdout and "->" in out.stdout
+
+
+def test_lora_int8_flan_t5_tiny(tmp_path):
+    out = run("lora_int8_flan_t5.py", "--model", "tiny", "--max-steps", "3", "--train-size", "32", "--eval-size", "4",
+              "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "quantize_int8:" in out.stdout and "exact match" in out.stdout
+    assert (tmp_path / "adapter" / "adapter.safetensors").exists()
+    assert (tmp_path / "adapter_peft" / "adapter_model.safetensors").exists()
+
+
+def test_lora_int8_flan_t5_default_offline_says_what_to_do(tmp_path):
+    out = run("lora_int8_flan_t5.py", "--output-dir", str(tmp_path))
+    assert out.returncode == 2 and "google/flan-t5-base" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+def test_bert2bert_summarization_smoke(tmp_path, model):
+    out = run("bert2bert_summarization.py", "--model", model, "--smoke", "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "ROUGE-1" in out.stdout and "generated:" in out.stdout

@@ -1,0 +1,403 @@
+"""Training throughput and peak memory by model, method, checkpointing and precision; ours vs HF Trainer + PEFT.
+
+    python benchmarks/bench_train.py --quick            # a few minutes on 2 CPU cores
+    python benchmarks/bench_train.py                    # the full matrix (long on a CPU)
+    python benchmarks/bench_train.py --models minilm --methods full lora --peers
+
+Each configuration runs in its own fresh process (clean peak memory), on synthetic token ids of fixed
+lengths (the same batches for both engines). Reported: samples/s and target tokens/s after warm-up, peak
+memory (CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated), trainable parameters, and
+model-FLOPs utilisation against the matrix-multiply peak that this script measures on this machine in
+this run. Output: results.json (every figure and the machine), results.md, results.png in --out.
+
+Model FLOPs count the linear layers only (attention-score matmuls are small at these lengths): per token,
+2*in*out for the forward, 2*in*out for the input gradient and 2*in*out for the weight gradient where the
+weight trains. Encoder layers see the source tokens, decoder layers and the LM head the target tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from finetune.methods import exact_names_pattern  # noqa: E402
+
+MODELS = ("minilm", "bart-base", "t5-base")
+# PEFT's target_modules as one regex (full match), equal to what finetune.methods wraps: BART q_proj/v_proj,
+# T5 q/v, bert2bert the pretrained self-attention query/value (its new cross-attention trains in full).
+PEER_LORA_TARGETS = {"bart": r".*\.(q_proj|v_proj)", "t5": r".*\.(q|v)",
+                     "encoder-decoder": r".*(?<!cross)attention\.self\.(query|value)"}
+METHODS = ("full", "frozen-encoder", "bitfit", "lora", "int8-lora")
+
+
+# ------------------------------------------------------------------------------------------------
+# the worker: one configuration in this process
+
+
+def build(model_name: str):
+    """(model, tokenizer, new parameter names). bart-base / t5-base sizes from configs, random weights."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    from finetune.models import bert2bert, char_tokenizer, minilm_path
+
+    if model_name == "minilm":
+        built = bert2bert(minilm_path())
+        return built.model, built.tokenizer, built.new_parameters
+    if model_name == "bart-base":
+        tok = char_tokenizer("bart")
+        config = BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
+                            encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
+                            decoder_ffn_dim=3072, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
+                            forced_eos_token_id=tok.eos_token_id)
+        return BartForConditionalGeneration(config), tok, []
+    if model_name == "t5-base":
+        tok = char_tokenizer("t5")
+        config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          decoder_start_token_id=tok.pad_token_id)
+        return T5ForConditionalGeneration(config), tok, []
+    raise ValueError(f"unknown model {model_name!r}")
+
+
+def synthetic_examples(n: int, src_len: int, tgt_len: int, vocab: int, seed: int, eos: int):
+    import random
+
+    from finetune.data import Example
+
+    rng = random.Random(seed)
+    return [Example([rng.randrange(5, vocab) for _ in range(src_len - 1)] + [eos],
+                    [rng.randrange(5, vocab) for _ in range(tgt_len - 1)] + [eos]) for _ in range(n)]
+
+
+def linear_flops_per_sample(model, src_len: int, tgt_len: int) -> float:
+    import torch
+
+    total = 0.0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) and not getattr(type(module), "is_int8_linear", False):
+            continue
+        if ".lora_" in name or name.endswith(".inner"):
+            continue
+        if weight is None or weight.dim() != 2:
+            continue
+        out_f, in_f = weight.shape
+        tokens = src_len if "encoder" in name.split(".")[:2] else tgt_len
+        passes = 2 + (1 if weight.requires_grad else 0)
+        total += 2 * in_f * out_f * tokens * passes
+    return total
+
+
+def matmul_peak(dtype_name: str, device: str) -> float:
+    """Measured FLOP/s of a large matrix multiply in this process."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 3 if device == "cpu" else 50
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def peak_memory_mib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def apply(model, method, new):
+    from finetune.methods import apply_method
+
+    apply_method(model, method, new, lora_targets=None)
+
+
+def run_ours(cfg: dict, model, tok, examples, device: str):
+    import torch
+
+    from finetune import Engine, TrainConfig
+
+    train_cfg = TrainConfig(lr=1e-4, batch_size=cfg["batch_size"], precision=cfg["precision"],
+                            grad_checkpointing=cfg["checkpointing"], progress=False, device=device,
+                            output_dir=tempfile.mkdtemp(), save_model=False)
+    engine = Engine(model, tok, train_cfg)
+    if cfg["checkpointing"]:
+        engine._enable_checkpointing()
+    model.train()
+    total = cfg["warmup"] + cfg["steps"]
+    _, optimizer, scheduler = engine._build_optimizer(total, 0)
+    bs = cfg["batch_size"]
+    windows = [[engine.collate(examples[i * bs:(i + 1) * bs])] for i in range(total)]
+    for w in windows[:cfg["warmup"]]:
+        engine._step(w, optimizer, scheduler)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for w in windows[cfg["warmup"]:]:
+        engine._step(w, optimizer, scheduler)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_peer(cfg: dict, model, tok, examples, device: str):
+    """transformers' Seq2SeqTrainer (and PEFT for LoRA / int8 + LoRA) on the same batches and schedule."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    method = cfg["method"]
+    if method in ("lora", "int8-lora"):
+        import peft
+
+        if method == "int8-lora":
+            from finetune.int8 import prepare_int8_training, quantize_int8
+
+            # PEFT's own int8 path loads with BitsAndBytesConfig (CUDA only in transformers); the same
+            # bitsandbytes layers are put in place here, then PEFT wraps them.
+            quantize_int8(model, skip=[exact_names_pattern(cfg["new"])] if cfg["new"] else ())
+            prepare_int8_training(model)
+        target = PEER_LORA_TARGETS[model.config.model_type]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                           target_modules=target, task_type="SEQ_2_SEQ_LM"))
+        if cfg["new"]:  # the newly initialised tensors train in full, as in ours
+            new = re.compile(exact_names_pattern(cfg["new"]).lstrip("^"))
+            for name, param in model.named_parameters():
+                if new.search(name.removeprefix("base_model.model.")):
+                    param.requires_grad_(True)
+    elif method != "full":
+        apply(model, method, cfg["new"])
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    total = cfg["warmup"] + cfg["steps"]
+    data = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+            for e in examples[:total * cfg["batch_size"]]]
+    args = Seq2SeqTrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg["batch_size"], max_steps=total,
+        learning_rate=1e-4, weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=0, logging_steps=10**6,
+        save_strategy="no", report_to=[], bf16=cfg["precision"] == "bf16", fp16=cfg["precision"] == "fp16",
+        gradient_checkpointing=cfg["checkpointing"], use_cpu=device == "cpu", dataloader_num_workers=0,
+        optim="adamw_torch", max_grad_norm=1.0, disable_tqdm=True, seed=0, group_by_length=False,
+    )
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data,
+                             data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100),
+                             callbacks=[Clock()])
+    trainer.train()
+    return times[-1] - times[cfg["warmup"] - 1]
+
+
+def worker(cfg: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok, new = build(cfg["model"])
+    cfg["new"] = new
+    vocab = model.get_input_embeddings().num_embeddings
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    n = (cfg["warmup"] + cfg["steps"]) * cfg["batch_size"]
+    examples = synthetic_examples(n, cfg["src_len"], cfg["tgt_len"], vocab, 0, eos)
+    if cfg["engine"] == "ours":
+        apply(model, cfg["method"], new)
+    from finetune.freeze import trainable_report
+
+    if cfg["engine"] == "ours":
+        seconds = run_ours(cfg, model, tok, examples, device)
+        report = trainable_report(model)
+        flops = linear_flops_per_sample(model, cfg["src_len"], cfg["tgt_len"])
+    else:
+        seconds = run_peer(cfg, model, tok, examples, device)
+        report = None
+        flops = None
+    samples = cfg["steps"] * cfg["batch_size"]
+    result = {**{k: v for k, v in cfg.items() if k != "new"}, "device": device,
+              "samples_per_s": samples / seconds, "target_tokens_per_s": samples * cfg["tgt_len"] / seconds,
+              "peak_memory_mib": peak_memory_mib(device)}
+    if report is not None:
+        result.update(trainable=report.trainable, total=report.total)
+        peak = matmul_peak(cfg["precision"] if cfg["precision"] != "fp16" or device == "cuda" else "fp32", device)
+        result.update(matmul_peak_tflops=peak / 1e12, mfu=flops * samples / seconds / peak)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# the orchestrator: one fresh process per configuration
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def configurations(args) -> list[dict]:
+    import torch
+
+    precisions = args.precisions or (["bf16", "fp16"] if torch.cuda.is_available() else ["fp32", "bf16"])
+    out = []
+    for model in args.models:
+        for method in args.methods:
+            for ckpt in args.checkpointing:
+                for precision in precisions:
+                    base = dict(model=model, method=method, checkpointing=ckpt, precision=precision,
+                                batch_size=args.batch_size, src_len=args.src_len, tgt_len=args.tgt_len,
+                                warmup=args.warmup, steps=args.steps)
+                    out.append({**base, "engine": "ours"})
+                    if args.peers:
+                        out.append({**base, "engine": "peer"})
+    return out
+
+
+def run_one(cfg: dict, timeout: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {**cfg, "error": tail[:300]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def key(r):
+    return (r["model"], r["method"], r["checkpointing"], r["precision"])
+
+
+def markdown(results: list[dict], info: dict) -> str:
+    ours = {key(r): r for r in results if r["engine"] == "ours"}
+    peers = {key(r): r for r in results if r["engine"] == "peer"}
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if "gpu" in info else "") +
+             f"; torch {info['torch']}, transformers {info['transformers']}.", "",
+             "| model | method | ckpt | precision | trainable | samples/s | tokens/s | peak MiB | MFU | "
+             "peer samples/s | peer peak MiB | speed ours/peer | memory ours/peer |",
+             "|" + "---|" * 13]
+    for k, r in ours.items():
+        p = peers.get(k)
+        if "error" in r:
+            lines.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {k[3]} | error: {r['error']} |" + " |" * 8)
+            continue
+        peer_cells = ["-"] * 4
+        if p is not None and "error" in p:
+            peer_cells = [f"error: {p['error'][:60]}", "-", "-", "-"]
+        elif p is not None:
+            peer_cells = [f"{p['samples_per_s']:.2f}", f"{p['peak_memory_mib']:.0f}",
+                          f"{r['samples_per_s'] / p['samples_per_s']:.2f}x",
+                          f"{r['peak_memory_mib'] / p['peak_memory_mib']:.2f}x"]
+        lines.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {k[3]} | "
+                     f"{100 * r['trainable'] / r['total']:.2f}% | {r['samples_per_s']:.2f} | "
+                     f"{r['target_tokens_per_s']:.0f} | {r['peak_memory_mib']:.0f} | {100 * r['mfu']:.1f}% | "
+                     + " | ".join(peer_cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in results if r["engine"] == "ours" and "error" not in r]
+    peers = {key(r): r for r in results if r["engine"] == "peer" and "error" not in r}
+    labels = [f"{r['model']}\n{r['method']}\n{'ckpt ' if r['checkpointing'] else ''}{r['precision']}" for r in ours]
+    x = range(len(ours))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(ours) * 0.9), 7))
+    for ax, field, title in zip(axes, ("samples_per_s", "peak_memory_mib"), ("samples/s", "peak memory (MiB)")):
+        ax.bar([i - 0.2 for i in x], [r[field] for r in ours], width=0.4, label="finetune")
+        ax.bar([i + 0.2 for i in x], [peers[key(r)][field] if key(r) in peers else 0 for r in ours], width=0.4,
+               label="HF Trainer (+PEFT)")
+        ax.set_title(title)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="MiniLM bert2bert, every method, fp32, no checkpointing")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--checkpointing", nargs="+", type=lambda s: s == "on", default=[False, True],
+                    help="on / off (default: both)")
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None)
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run HF Seq2SeqTrainer (+ PEFT) on the same configuration")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--src-len", type=int, default=32)
+    ap.add_argument("--tgt-len", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.quick:
+        args.models, args.checkpointing, args.precisions = ["minilm"], [False], args.precisions or ["fp32"]
+    info = machine()
+    configs = configurations(args)
+    print(f"{len(configs)} runs on {info}", flush=True)
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        r = run_one(cfg, args.timeout)
+        results.append(r)
+        status = r.get("error") or f"{r['samples_per_s']:.2f} samples/s, peak {r['peak_memory_mib']:.0f} MiB"
+        print(f"[{i}/{len(configs)}] {cfg['engine']:>4} {cfg['model']} {cfg['method']} "
+              f"ckpt={'on' if cfg['checkpointing'] else 'off'} {cfg['precision']}: {status}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"machine": info, "command": " ".join(sys.argv), "results": results}, f, indent=1)
+    table = markdown(results, info)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    chart(results, os.path.join(args.out, "results.png"))
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Two ranks on CPU with gloo equal one process with the same global batch; resume across 2 ranks; rank-0 files."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import SPELLING
+from finetune import Engine, TrainConfig
+from finetune.checkpoint import CheckpointError
+from finetune.models import tiny_bart
+
+DATA = SPELLING * 4  # 24 pairs: 3 global batches of 8 per epoch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make(method: str, dropout: float = 0.0):
+    model, tok = tiny_bart(d_model=32, seed=0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    if method == "bitfit":
+        from finetune import bitfit
+
+        bitfit(model)
+    elif method == "lora":
+        from finetune.lora import apply_lora
+
+        apply_lora(model, r=4, alpha=8, dropout=dropout)
+        with torch.no_grad():  # B != 0 so that A's gradients are not all zero either
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return model, tok
+
+
+def config(out, batch_size, **kw):
+    return TrainConfig(**{**dict(lr=3e-3, batch_size=batch_size, epochs=2, grad_accum=2, log_every=1,
+                                 progress=False, save_model=False, output_dir=str(out)), **kw})
+
+
+def worker(rank, world, port, method, out, kw, resume):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model, tok = make(method, kw.pop("dropout", 0.0))
+    engine = Engine(model, tok, config(out, 4, **kw))
+    engine.fit(DATA, resume=resume)
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, "final.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def launch(out, method, resume=None, **kw):
+    os.makedirs(out, exist_ok=True)
+    mp.spawn(worker, args=(2, free_port(), method, str(out), kw, resume), nprocs=2, join=True)
+    return torch.load(os.path.join(out, "final.pt"), weights_only=True)
+
+
+def losses(out):
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora"])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, method):
+    two = launch(tmp_path / "two", method)
+    model, tok = make(method)
+    Engine(model, tok, config(tmp_path / "one", 8)).fit(DATA)
+    one_losses, two_losses = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in one_losses] == [s for s, _ in two_losses] == list(range(1, 5))  # rank 0 writes alone
+    for (_, a), (_, b) in zip(one_losses, two_losses):
+        assert a == pytest.approx(b, abs=1e-5)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_checkpoint_from_two_ranks_resumes_on_two_exactly(tmp_path):
+    reference = launch(tmp_path / "a", "full", dropout=0.1, save_every=1, keep_last=10)
+    run = tmp_path / "b"
+    launch(run, "full", dropout=0.1, save_every=1, keep_last=10)
+    resumed = launch(run, "full", resume=str(run / "checkpoints" / "step-00000002"), dropout=0.1, save_every=1,
+                     keep_last=10)
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
+    # a different world size is refused, saying why
+    model, tok = make("full", 0.1)
+    with pytest.raises(CheckpointError, match="written by 2 process"):
+        Engine(model, tok, config(run, 4, save_every=1, keep_last=10)).fit(DATA, resume="latest")
