@@ -203,8 +203,9 @@ def run_peer(cfg: dict, model, tok, examples, device: str):
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg["batch_size"], max_steps=total,
         learning_rate=1e-4, weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=0, logging_steps=10**6,
         save_strategy="no", report_to=[], bf16=cfg["precision"] == "bf16", fp16=cfg["precision"] == "fp16",
-        gradient_checkpointing=cfg["checkpointing"], use_cpu=device == "cpu", dataloader_num_workers=0,
-        optim="adamw_torch", max_grad_norm=1.0, disable_tqdm=True, seed=0, group_by_length=False,
+        gradient_checkpointing=cfg["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=device == "cpu", dataloader_num_workers=0, optim="adamw_torch", max_grad_norm=1.0,
+        disable_tqdm=True, seed=0,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data,
                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100),

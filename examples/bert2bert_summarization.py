@@ -13,7 +13,7 @@ import sys
 from common import load_model  # noqa: F401  (puts the checkout on sys.path)
 
 from finetune import Engine, TrainConfig, read_pairs
-from finetune.models import bert2bert, minilm_path, tiny_bert2bert
+from finetune.models import bert2bert_by_name
 from finetune.methods import exact_names_pattern
 
 SAMPLE = [
@@ -53,13 +53,8 @@ def main(argv=None):
     ap.add_argument("--output-dir", default="runs/bert2bert_summarization")
     args = ap.parse_args(argv)
 
-    if args.model == "tiny":
-        print("--model tiny: a small RANDOMLY INITIALISED bert2bert (smoke run only)")
-        model, tokenizer = tiny_bert2bert(hidden=64)
-        new = []
-    else:
-        built = bert2bert(minilm_path() if args.model == "minilm" else args.model)
-        model, tokenizer, new = built.model, built.tokenizer, built.new_parameters
+    built = bert2bert_by_name(args.model)
+    model, tokenizer, new = built.model, built.tokenizer, built.new_parameters
     train = read_pairs(args.data, args.source_field, args.target_field) if args.data else SAMPLE
     test = read_pairs(args.eval_data, args.source_field, args.target_field) if args.eval_data else train[:4]
     config = TrainConfig(lr=args.lr, lr_overrides={exact_names_pattern(new): args.new_lr} if new else {},

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
 from finetune.methods import METHODS, apply_method, exact_names_pattern  # noqa: E402
-from finetune.models import bert2bert, minilm_path, tiny_bert2bert  # noqa: E402
+from finetune.models import bert2bert_by_name  # noqa: E402
 
 # LoRA on the pretrained self-attention query/value projections; the new tensors train in full.
 LORA_TARGETS = [r"^(encoder|decoder\.bert)\.encoder\.layer\.\d+\.attention\.self\.(query|value)$"]
@@ -52,14 +52,8 @@ def main(argv=None):
     if args.compare:
         return compare(args, argv if argv is not None else sys.argv[1:])
 
-    if args.model == "tiny":
-        print("--model tiny: a small RANDOMLY INITIALISED bert2bert with a character tokenizer (smoke run only)")
-        model, tokenizer = tiny_bert2bert(hidden=64)
-        new_names = []
-    else:
-        built = bert2bert(minilm_path() if args.model == "minilm" else args.model)
-        model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
-        print(f"warm-started bert2bert: {len(new_names)} tensors newly initialised (cross-attention, LM-head transform)")
+    built = bert2bert_by_name(args.model)
+    model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
     apply_method(model, args.method, new_names, lora_targets=LORA_TARGETS if args.model != "tiny" else None)
 
     train = codespell_pairs("train", limit=args.train_size, seed=args.seed)

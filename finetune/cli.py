@@ -29,7 +29,7 @@ def build_model(section):
         model, tokenizer = getattr(models, TINY[section.name])()
         return model, tokenizer, []
     if section.name == "minilm" or section.bert2bert:
-        built = models.bert2bert(models.minilm_path() if section.name == "minilm" else section.name)
+        built = models.bert2bert_by_name(section.name)
         return built.model, built.tokenizer, built.new_parameters
     model, tokenizer = models.load_seq2seq(section.name)
     return model, tokenizer, []

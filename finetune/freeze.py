@@ -7,24 +7,13 @@ them. Counting goes by tensor, so tied weights count once and are reported as sh
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-def _compile(patterns, what: str) -> list[re.Pattern]:
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as err:
-            raise ValueError(f"{what}: invalid regex {p!r}: {err}") from None
-    return out
+from .patterns import compile_patterns
 
 
 def tensor_names(model: nn.Module) -> dict[int, list[str]]:
@@ -36,7 +25,7 @@ def tensor_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _set_requires_grad(model: nn.Module, patterns, value: bool, what: str) -> int:
-    regexes = _compile(patterns, what)
+    regexes = compile_patterns(patterns, what)
     hits = {rx.pattern: 0 for rx in regexes}
     changed = 0
     for name, param in model.named_parameters(remove_duplicate=False):

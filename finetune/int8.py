@@ -7,7 +7,7 @@ this on CPU as well as CUDA.
 """
 from __future__ import annotations
 
-import re
+from .patterns import compile_patterns
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +97,7 @@ def quantize_int8(model: nn.Module, skip=(), threshold: float = 6.0) -> Quantize
     """Replace nn.Linear layers by Int8Linear, except the LM head and modules whose name (or whose weight's
     name) matches a `skip` regex. Embeddings stay as they are."""
     _bitsandbytes()
-    skip_res = [re.compile(p) for p in skip]
+    skip_res = compile_patterns(skip, "quantize_int8 skip")
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replaced, before, after = 0, 0, 0
     for name, module in list(model.named_modules()):

@@ -18,7 +18,8 @@ import re
 import torch
 from torch import nn
 
-from .freeze import _compile, freeze_all, unfreeze
+from .freeze import freeze_all, unfreeze
+from .patterns import compile_patterns
 
 FAMILY_TARGETS = {
     "bart": [r"\.(q_proj|v_proj)$"], "mbart": [r"\.(q_proj|v_proj)$"], "marian": [r"\.(q_proj|v_proj)$"],
@@ -122,8 +123,8 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
     for `save_adapter`.
     """
     targets = list(targets) if targets else default_targets(model)
-    regexes = _compile(targets, "apply_lora targets")
-    excluded = _compile(exclude, "apply_lora exclude")
+    regexes = compile_patterns(targets, "apply_lora targets")
+    excluded = compile_patterns(exclude, "apply_lora exclude")
     hits = {rx.pattern: [] for rx in regexes}
     for name, module in _linear_layers(model).items():
         if isinstance(module, LoRALinear) or any(rx.search(name) for rx in excluded):
@@ -163,7 +164,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def _also_train_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     patterns = getattr(model, "lora_config", {}).get("also_train", [])
-    regexes = _compile(patterns, "also_train") if patterns else []
+    regexes = compile_patterns(patterns, "also_train") if patterns else []
     return {n: p for n, p in model.named_parameters() if any(rx.search(n) for rx in regexes)}
 
 

@@ -177,6 +177,17 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None) -> Bert2Bert:
     return Bert2Bert(model=model, tokenizer=tokenizer, new_parameters=new)
 
 
+def bert2bert_by_name(name: str) -> Bert2Bert:
+    """'minilm' (the bundled checkpoint), 'tiny' (random, character tokenizer, for smoke runs) or a BERT folder."""
+    if name == "tiny":
+        print("bert2bert 'tiny': a small RANDOMLY INITIALISED model with a character tokenizer (smoke run only)")
+        model, tokenizer = tiny_bert2bert(hidden=64)
+        return Bert2Bert(model=model, tokenizer=tokenizer)
+    built = bert2bert(minilm_path() if name == "minilm" else name)
+    print(f"warm-started bert2bert from {name}: {len(built.new_parameters)} tensors newly initialised")
+    return built
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny models and a character tokenizer, for tests and smoke runs (random weights, offline)
 

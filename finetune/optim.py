@@ -10,10 +10,11 @@ the optimizer keeps no state for them. Tied tensors appear once.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
+
+from .patterns import compile_patterns
 
 # Adam betas / eps of each family's pretraining recipe, where it used Adam.
 #   BART (Lewis et al., 2020, §5) follows RoBERTa (Liu et al., 2019, §3.1, Table 9): betas (0.9, 0.98), eps 1e-6.
@@ -34,16 +35,6 @@ def family_adam(model: nn.Module) -> tuple[tuple[float, float], float]:
     return FAMILY_ADAM.get(getattr(getattr(model, "config", None), "model_type", ""), DEFAULT_ADAM)
 
 
-def _compile(patterns, what: str) -> list[re.Pattern]:
-    compiled = []
-    for p in patterns:
-        try:
-            compiled.append(re.compile(p))
-        except re.error as err:
-            raise ValueError(f"{what}: invalid regex {p!r}: {err}") from None
-    return compiled
-
-
 def param_groups(model: nn.Module, weight_decay: float, no_decay=(), lr_overrides=None, lr: float | None = None):
     """AdamW groups of trainable tensors: decay / no-decay, split further by `lr_overrides` (first match wins).
 
@@ -51,8 +42,8 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay=(), lr_override
     A `no_decay` or `lr_overrides` pattern that matches no trainable tensor is an error naming it.
     """
     lr_overrides = dict(lr_overrides or {})
-    no_decay_res = _compile(no_decay, "no_decay")
-    override_res = list(zip(_compile(lr_overrides, "lr_overrides"), lr_overrides.values()))
+    no_decay_res = compile_patterns(no_decay, "no_decay")
+    override_res = list(zip(compile_patterns(lr_overrides, "lr_overrides"), lr_overrides.values()))
     used = set()
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():  # each tensor once, under its first name

@@ -1,0 +1,28 @@
+"""The benchmark script runs end to end in a tiny configuration (its figures are not checked: speed is shown
+by running it, never asserted in tests)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_train_smoke_with_peer(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--models", "minilm", "--methods",
+           "bitfit", "lora", "--checkpointing", "off", "--precisions", "fp32", "--batch-size", "2", "--warmup", "1",
+           "--steps", "2", "--src-len", "8", "--tgt-len", "4", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {"cpu", "cores", "torch", "transformers"} <= data["machine"].keys()
+    results = data["results"]
+    assert len(results) == 4
+    for r in results:
+        assert "error" not in r, r
+        assert r["samples_per_s"] > 0 and r["peak_memory_mib"] > 0
+    ours = [r for r in results if r["engine"] == "ours"]
+    assert all(0 < r["mfu"] < 1 and r["trainable"] < r["total"] for r in ours)
+    table = (tmp_path / "results.md").read_text()
+    assert "| minilm | lora | off | fp32 |" in table
+    assert (tmp_path / "results.png").stat().st_size > 1000
