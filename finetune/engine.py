@@ -59,7 +59,11 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     return loss, correct
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+# What the model gets. The batch also holds `decoder_attention_mask`, but the decoder does not need it: with
+# right padding, the causal mask already keeps every real position from seeing the pads after it, and the
+# pads' own outputs are ignored by the loss (-100). Passing it only costs time (attention can no longer
+# take its causal fast path); tests/test_engine.py checks that the logits at every target position agree.
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
 
 class TrainingStopped(RuntimeError):

@@ -220,3 +220,20 @@ def test_save_replaces_atomically(tmp_path):
     engine.save(str(target))
     assert not (target / "marker").exists()
     assert not (tmp_path / "m.tmp").exists() and not (tmp_path / "m.old").exists()
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "bert2bert"])
+def test_decoder_padding_mask_is_redundant_under_right_padding(tmp_path, family):
+    """The engine leaves decoder_attention_mask out of the forward (faster); with right padding the causal mask
+    already hides the pads, so every target position's logits are the same with or without it."""
+    model, tok = build(family)
+    engine = Engine(model, tok, config(tmp_path))
+    model.eval()
+    (batch,) = batches(engine, SPELLING, 6)
+    assert (batch["decoder_attention_mask"] == 0).any()  # there is padding to hide
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    with torch.no_grad():
+        without = model(**inputs).logits
+        with_mask = model(**inputs, decoder_attention_mask=batch["decoder_attention_mask"]).logits
+    real = batch["labels"] != -100
+    torch.testing.assert_close(without[real], with_mask[real], atol=1e-5, rtol=0)
