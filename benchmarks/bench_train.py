@@ -400,8 +400,12 @@ def main(argv=None) -> int:
     configs = configurations(args)
     print(f"{len(configs)} runs on {info}", flush=True)
     runs: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
-    for repeat in range(args.repeats):  # ours and the peer alternate, pair by pair, round by round
-        for i, cfg in enumerate(configs):
+    for repeat in range(args.repeats):  # ours and the peer alternate, pair by pair; odd rounds run the peer first
+        order = list(range(len(configs)))
+        if args.peers and repeat % 2:
+            order = [j for k in range(0, len(order), 2) for j in (order[k + 1], order[k])]
+        for i in order:
+            cfg = configs[i]
             r = run_one(cfg, args.timeout)
             runs[i].append(r)
             status = r.get("error") or f"{r['samples_per_s']:.2f} samples/s, peak {r['peak_memory_mib']:.0f} MiB"
