@@ -57,10 +57,11 @@ def main(argv=None):
     model, tokenizer, new = built.model, built.tokenizer, built.new_parameters
     train = read_pairs(args.data, args.source_field, args.target_field) if args.data else SAMPLE
     test = read_pairs(args.eval_data, args.source_field, args.target_field) if args.eval_data else train[:4]
+    positions = model.config.encoder.max_position_embeddings
     config = TrainConfig(lr=args.lr, lr_overrides={exact_names_pattern(new): args.new_lr} if new else {},
                          epochs=args.epochs, max_steps=3 if args.smoke else args.max_steps, batch_size=8,
-                         warmup_ratio=0.1, max_source_length=256, max_target_length=48, max_new_tokens=40,
-                         num_beams=4, output_dir=args.output_dir, log_every=5)
+                         warmup_ratio=0.1, max_source_length=min(256, positions), max_target_length=48,
+                         max_new_tokens=40, num_beams=4, output_dir=args.output_dir, log_every=5)
     engine = Engine(model, tokenizer, config)
     engine.fit(train)
     metrics = engine.evaluate(test)

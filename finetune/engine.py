@@ -81,6 +81,7 @@ class Engine:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self._check_precision(model)
+        self._check_lengths(model)
         self.tokens = resolve_special_tokens(model, tokenizer)
         self.model = model.to(self.device)
         self.train_model = self.model  # the DistributedDataParallel wrapper under torchrun
@@ -103,6 +104,17 @@ class Engine:
         if precision == "fp16" and is_t5_family(model):
             warnings.warn("precision='fp16' with a T5-family model: T5's activations overflow float16 and the loss "
                           "turns to NaN; precision='bf16' is the safe choice", stacklevel=3)
+
+    def _check_lengths(self, model):
+        """Sequences longer than a model's learned position table crash deep inside it: say so up front."""
+        config = model.config
+        encoder = getattr(config, "encoder", config)
+        decoder = getattr(config, "decoder", config)
+        for name, side in (("max_source_length", encoder), ("max_target_length", decoder)):
+            limit = getattr(side, "max_position_embeddings", None)
+            if limit and getattr(self.config, name) > limit:
+                raise ValueError(f"TrainConfig.{name}={getattr(self.config, name)} exceeds the model's "
+                                 f"{limit} learned positions; set {name} <= {limit}")
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)

@@ -48,7 +48,8 @@ def pad_labels(sequences: list[list[int]], length: int | None = None) -> torch.T
     return out
 
 
-def pad_inputs(sequences: list[list[int]], pad_token_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_inputs(sequences: list[list[int]], pad_token_id: int,
+               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad input sequences with the pad id; returns (input_ids, attention_mask of 1 = real token)."""
     length = max((len(s) for s in sequences), default=0) if length is None else length
     ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)

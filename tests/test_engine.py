@@ -237,3 +237,11 @@ def test_decoder_padding_mask_is_redundant_under_right_padding(tmp_path, family)
         with_mask = model(**inputs, decoder_attention_mask=batch["decoder_attention_mask"]).logits
     real = batch["labels"] != -100
     torch.testing.assert_close(without[real], with_mask[real], atol=1e-5, rtol=0)
+
+
+def test_lengths_beyond_the_position_table_are_refused(tmp_path):
+    model, tok = tiny_bart()  # 128 learned positions
+    with pytest.raises(ValueError, match="max_source_length=256 exceeds the model's 128 learned positions"):
+        Engine(model, tok, config(tmp_path, max_source_length=256))
+    tiny_t5_model, tok5 = tiny_t5()  # relative positions: no table, no limit
+    Engine(tiny_t5_model, tok5, config(tmp_path, max_source_length=4096))
