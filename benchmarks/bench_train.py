@@ -6,7 +6,9 @@
 
 Each configuration runs in its own fresh process (clean peak memory), on synthetic token ids of fixed
 lengths (the same batches for both engines). Reported: samples/s and target tokens/s after warm-up, peak
-memory (CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated), trainable parameters, and
+memory during the training steps (CPU: the process's peak RSS counted from just before the first step, so that
+building the float model before int8 quantisation does not count; CUDA: torch.cuda.max_memory_allocated after a
+reset), trainable parameters, and
 model-FLOPs utilisation against the matrix-multiply peak that this script measures on this machine in
 this run. Output: results.json (every figure and the machine), results.md, results.png in --out.
 
@@ -120,12 +122,40 @@ def matmul_peak(dtype_name: str, device: str) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the peak-memory count at the training steps: the model is built (in float, even for int8) before.
+
+    CPU: give freed memory back to the OS (malloc_trim), then reset the kernel's high-water mark (VmHWM) by
+    writing 5 to /proc/self/clear_refs (Linux >= 4.0). CUDA: torch.cuda.reset_peak_memory_stats()."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mib(device: str) -> float:
+    """Peak since reset_peak_memory (CPU: VmHWM of this process, else its lifetime peak RSS)."""
     import torch
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def apply(model, method, new):
@@ -150,6 +180,7 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
     _, optimizer, scheduler = engine._build_optimizer(total, 0)
     bs = cfg["batch_size"]
     windows = [[engine.collate(examples[i * bs:(i + 1) * bs])] for i in range(total)]
+    reset_peak_memory(device)
     for w in windows[:cfg["warmup"]]:
         engine._step(w, optimizer, scheduler)
     if device == "cuda":
@@ -215,6 +246,7 @@ def run_peer(cfg: dict, model, tok, examples, device: str):
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data,
                              data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100),
                              callbacks=[Clock()])
+    reset_peak_memory(device)
     trainer.train()
     return times[-1] - times[cfg["warmup"] - 1]
 
