@@ -267,10 +267,10 @@ class Engine:
         # global micro-batches of batch_size x world; rank r takes every world-th example of each
         sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size * world,
                                        cfg.seed, cfg.group_by_length)
-        if self.dist.enabled and len(examples) % (cfg.batch_size * world) and len(examples) % (
-                cfg.batch_size * world) < world:
-            raise ValueError(f"{len(examples)} examples leave a last global batch smaller than the {world} ranks; "
-                             "drop or add a few examples")
+        leftover = len(examples) % (cfg.batch_size * world)
+        if self.dist.enabled and 0 < leftover < world:  # some rank would get an empty micro-batch
+            raise ValueError(f"{len(examples)} examples leave a last global batch of {leftover}, fewer than the "
+                             f"{world} ranks; drop or add a few examples")
         steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         epochs = math.ceil(total_steps / steps_per_epoch)
@@ -285,7 +285,7 @@ class Engine:
             # only trainable tensors are registered, so frozen ones (BitFit, LoRA) need no unused-parameter search
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
-        groups, optimizer, scheduler = self._build_optimizer(total_steps, warmup)
+        _, optimizer, scheduler = self._build_optimizer(total_steps, warmup)
         self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
                   f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), precision "
                   f"{cfg.precision}, device {self.device}")
@@ -402,7 +402,7 @@ class Engine:
                 predictions[i] = {"source": source, "target": target, "prediction": text,
                                   "correct": metrics.add(source, target, text)}
         result = {"loss": loss_sum / max(1, tokens), **metrics.result(), "step": self.global_step}
-        if predictions_file:
+        if predictions_file and self.dist.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, predictions_file), "w", encoding="utf-8") as f:
                 for row in predictions:
