@@ -8,7 +8,7 @@ them. Counting goes by tensor, so tied weights count once and are reported as sh
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ class TrainableReport:
     total: int
     shared: list[list[str]]  # groups of names that are one tensor
     by_module: dict[str, tuple[int, int]]  # top-level module -> (trainable, total)
+    trainable_names: set[str] = field(default_factory=set, repr=False)  # first name of each trainable tensor
 
     @property
     def percent(self) -> float:
@@ -78,7 +79,7 @@ class TrainableReport:
         for module, (t, n) in self.by_module.items():
             lines.append(f"  {module:<{width}}  {t:>12,} / {n:>12,} trainable")
         for names in self.shared:
-            lines.append(f"  shared tensor ({'trainable' if names[0] in self._trainable_names else 'frozen'}): "
+            lines.append(f"  shared tensor ({'trainable' if names[0] in self.trainable_names else 'frozen'}): "
                          + " = ".join(names))
         if self.trainable == 0:
             lines.append("  NOTHING IS TRAINABLE: the optimizer would update no tensor. A tied tensor (e.g. the LM "
@@ -105,10 +106,8 @@ def trainable_report(model: nn.Module, depth: int = 2) -> TrainableReport:
             trainable += param.numel()
             by_module[_module_key(first, depth)][0] += param.numel()
             trainable_names.add(first)
-    report = TrainableReport(trainable, total, [n for n in names.values() if len(n) > 1],
-                             {k: (v[0], v[1]) for k, v in by_module.items()})
-    report._trainable_names = trainable_names
-    return report
+    return TrainableReport(trainable, total, [n for n in names.values() if len(n) > 1],
+                           {k: (v[0], v[1]) for k, v in by_module.items()}, trainable_names)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,12 @@ def load_seq2seq(name_or_path: str, **kwargs):
 
     def load(local_only: bool):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
-        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, local_files_only=local_only, **kwargs), tokenizer
+        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, local_files_only=local_only, **kwargs)
+        if getattr(model.config, "model_type", "") == "encoder-decoder" and getattr(model.encoder, "pooler", None):
+            # transformers rebuilds BERT's pooler (randomly) when it reloads a bert2bert; the decoder never
+            # reads it, and as a trainable tensor without gradient it would stop training: drop it
+            model.encoder.pooler = None
+        return model, tokenizer
 
     try:
         try:

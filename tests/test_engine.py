@@ -245,3 +245,14 @@ def test_lengths_beyond_the_position_table_are_refused(tmp_path):
         Engine(model, tok, config(tmp_path, max_source_length=256))
     tiny_t5_model, tok5 = tiny_t5()  # relative positions: no table, no limit
     Engine(tiny_t5_model, tok5, config(tmp_path, max_source_length=4096))
+
+
+def test_reloaded_bert2bert_trains_without_a_stray_pooler(tmp_path):
+    from finetune.models import load_seq2seq
+
+    model, tok = build("bert2bert")
+    engine = Engine(model, tok, config(tmp_path))
+    engine.save(str(tmp_path / "saved"))
+    reloaded, tok2 = load_seq2seq(str(tmp_path / "saved"))  # transformers re-adds a random BERT pooler
+    assert reloaded.encoder.pooler is None
+    Engine(reloaded, tok2, config(tmp_path / "again")).overfit_batch(SPELLING, steps=2)  # the gradient guard passes
