@@ -226,8 +226,8 @@ def test_sigkill_partway_then_resume_from_disk(tmp_path):
     written_before = len(open(tmp_path / "metrics.jsonl").readlines())
     proc = launch(tmp_path, save_every=5, resume="latest")
     deadline = time.time() + 120
-    while time.time() < deadline:
-        rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    while time.time() < deadline:  # only rows the resumed process wrote (the killed one may have gone past step)
+        rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl").readlines()[written_before:]]
         if rows and rows[-1]["step"] > step + 2:
             break
         time.sleep(0.1)
