@@ -40,6 +40,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpointing: bool = False
     device: str | None = None  # None: cuda when available, else cpu
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)
     # evaluation
     eval_batch_size: int | None = None
     num_beams: int = 1

@@ -72,3 +72,27 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def full(tensor):
+    """A DTensor (FSDP2 shard) gathered to a plain tensor; plain tensors pass through."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard_fsdp(model) -> None:
+    """FSDP2: shard every block of each layer stack (a ModuleList of modules with parameters), then the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules()):
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                if any(True for _ in block.parameters()):
+                    fully_shard(block)
+    fully_shard(model)
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's state dict on rank 0 (CPU tensors), gathered from the shards; empty elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -88,6 +88,7 @@ class Engine:
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
         self.global_step = 0
+        self._fsdp = False
         self._checked_gradients = False
         self._nonfinite_in_a_row = 0
 
@@ -180,7 +181,9 @@ class Engine:
         for i, batch in enumerate(window):
             batch = self._to_device(batch)
             last = i == len(window) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
+            if self._fsdp:  # FSDP2 reduce-scatters gradients only on the window's last micro-batch
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or not self.dist.enabled or self._fsdp else model.no_sync()
             with sync:  # under DDP, gradients are all-reduced once per window, on its last micro-batch
                 with self.autocast():
                     logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
@@ -201,7 +204,7 @@ class Engine:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
 
         skipped = False
         if self.scaler:  # fp16: the scaler skips a step with inf/nan gradients and lowers the scale
@@ -238,6 +241,7 @@ class Engine:
         self._checked_gradients = True
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         missing = [n for n, p in named if p.grad is None]
+        grads = [distributed.full(p.grad) for n, p in named if p.grad is not None]
         if missing:
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             raise TrainingStopped(
@@ -246,7 +250,7 @@ class Engine:
                 "broken LoRA / checkpointing setup). Freeze them if they are unused by design "
                 "(finetune.freeze.freeze(model, [pattern]))."
             )
-        if all(not torch.any(p.grad) for _, p in named):
+        if all(not torch.any(g) for g in grads):
             raise TrainingStopped("every gradient is zero after the first backward pass: the model would not "
                                   "learn. Check the labels (all -100?) and what is frozen.")
 
@@ -279,7 +283,13 @@ class Engine:
             self._enable_checkpointing()
         self.model.train()
         self._log(str(trainable_report(self.model)))
-        if self.dist.enabled and self.train_model is self.model:
+        if cfg.fsdp and (cfg.save_every or resume):
+            raise ValueError("TrainConfig.fsdp=True: training-state checkpoints (save_every, resume) are not "
+                             "supported with FSDP yet; the final model is saved")
+        if self.dist.enabled and self.train_model is self.model and cfg.fsdp:
+            distributed.shard_fsdp(self.model)  # in place: parameters become sharded DTensors
+            self._fsdp = True
+        elif self.dist.enabled and self.train_model is self.model:
             from torch.nn.parallel import DistributedDataParallel
 
             # only trainable tensors are registered, so frozen ones (BitFit, LoRA) need no unused-parameter search
@@ -358,7 +368,12 @@ class Engine:
         progress.close()
         if cfg.save_every and self.global_step % cfg.save_every:
             checkpoint(*position)
-        if cfg.save_model and self.dist.is_main:
+        if cfg.save_model and self._fsdp:
+            state = distributed.full_state_dict(self.model)  # a collective: every rank takes part
+            if self.dist.is_main:
+                path = self.save(os.path.join(cfg.output_dir, "model"), state_dict=state)
+                self._log(f"model saved to {path}")
+        elif cfg.save_model and self.dist.is_main:
             path = self.save(os.path.join(cfg.output_dir, "model"))
             self._log(f"model saved to {path}")
         distributed.barrier(self.dist)
@@ -455,12 +470,12 @@ class Engine:
             history.append({"step": step, "loss": stats["loss"], "token_accuracy": stats["token_accuracy"]})
         return history
 
-    def save(self, path: str) -> str:
+    def save(self, path: str, state_dict: dict | None = None) -> str:
         """save_pretrained (safetensors) + tokenizer into `path`, atomically: a complete folder or none."""
         path = os.path.abspath(path)
         tmp, old = path + ".tmp", path + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
