@@ -180,11 +180,14 @@ class Engine:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for i, batch in enumerate(window):
             batch = self._to_device(batch)
+            # gradients are reduced across ranks once per window, on its last micro-batch
             last = i == len(window) - 1
-            if self._fsdp:  # FSDP2 reduce-scatters gradients only on the window's last micro-batch
+            sync = contextlib.nullcontext()
+            if self._fsdp:
                 model.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or not self.dist.enabled or self._fsdp else model.no_sync()
-            with sync:  # under DDP, gradients are all-reduced once per window, on its last micro-batch
+            elif self.dist.enabled and not last:
+                sync = model.no_sync()
+            with sync:
                 with self.autocast():
                     logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
                 batch_loss, batch_correct = token_loss(logits, batch["labels"], cfg.label_smoothing)
@@ -286,10 +289,11 @@ class Engine:
         if cfg.fsdp and (cfg.save_every or resume):
             raise ValueError("TrainConfig.fsdp=True: training-state checkpoints (save_every, resume) are not "
                              "supported with FSDP yet; the final model is saved")
-        if self.dist.enabled and self.train_model is self.model and cfg.fsdp:
+        already_wrapped = self._fsdp or self.train_model is not self.model  # a second fit on this engine
+        if self.dist.enabled and not already_wrapped and cfg.fsdp:
             distributed.shard_fsdp(self.model)  # in place: parameters become sharded DTensors
             self._fsdp = True
-        elif self.dist.enabled and self.train_model is self.model:
+        elif self.dist.enabled and not already_wrapped:
             from torch.nn.parallel import DistributedDataParallel
 
             # only trainable tensors are registered, so frozen ones (BitFit, LoRA) need no unused-parameter search
@@ -368,14 +372,12 @@ class Engine:
         progress.close()
         if cfg.save_every and self.global_step % cfg.save_every:
             checkpoint(*position)
-        if cfg.save_model and self._fsdp:
-            state = distributed.full_state_dict(self.model)  # a collective: every rank takes part
+        if cfg.save_model:
+            # under FSDP the shards are gathered first: a collective, so every rank takes part
+            state = distributed.full_state_dict(self.model) if self._fsdp else None
             if self.dist.is_main:
                 path = self.save(os.path.join(cfg.output_dir, "model"), state_dict=state)
                 self._log(f"model saved to {path}")
-        elif cfg.save_model and self.dist.is_main:
-            path = self.save(os.path.join(cfg.output_dir, "model"))
-            self._log(f"model saved to {path}")
         distributed.barrier(self.dist)
         return history
 
