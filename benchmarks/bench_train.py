@@ -171,6 +171,7 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
 
     train_cfg = TrainConfig(lr=1e-4, batch_size=cfg["batch_size"], precision=cfg["precision"],
                             grad_checkpointing=cfg["checkpointing"], progress=False, device=device,
+                            fused_loss=cfg.get("fused_loss", True),
                             output_dir=tempfile.mkdtemp(), save_model=False)
     engine = Engine(model, tok, train_cfg)
     if cfg["checkpointing"]:
@@ -317,7 +318,7 @@ def configurations(args) -> list[dict]:
                 for precision in precisions:
                     base = dict(model=model, method=method, checkpointing=ckpt, precision=precision,
                                 batch_size=args.batch_size, src_len=args.src_len, tgt_len=args.tgt_len,
-                                warmup=args.warmup, steps=args.steps)
+                                warmup=args.warmup, steps=args.steps, fused_loss=args.fused_loss)
                     out.append({**base, "engine": "ours"})
                     if args.peers:
                         out.append({**base, "engine": "peer"})
@@ -413,6 +414,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None)
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="also run HF Seq2SeqTrainer (+ PEFT) on the same configuration")
+    ap.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours: output layer + cross-entropy fused in blocks (TrainConfig.fused_loss)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--src-len", type=int, default=32)
     ap.add_argument("--tgt-len", type=int, default=16)
@@ -447,7 +450,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"machine": info, "command": " ".join(sys.argv), "results": results}, f, indent=1)
-    table = markdown(results, info)
+    table = (f"Batch {args.batch_size}, {args.src_len} source / {args.tgt_len} target tokens, {args.warmup} warm-up + "
+             f"{args.steps} timed steps, median of {args.repeats} round(s), fused loss "
+             f"{'on' if args.fused_loss else 'off'} (ours).\n" + markdown(results, info))
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     chart(results, os.path.join(args.out, "results.png"))

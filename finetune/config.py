@@ -39,8 +39,10 @@ class TrainConfig:
     # numerics and memory
     precision: str = "fp32"
     grad_checkpointing: bool = False
+    fused_loss: bool = True  # output layer + cross-entropy in blocks: no (tokens x vocabulary) logits in memory
     device: str | None = None  # None: cuda when available, else cpu
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)
+    dist_timeout_s: int = 1800  # under torchrun: a collective waiting longer than this fails instead of hanging
     # evaluation
     eval_batch_size: int | None = None
     num_beams: int = 1
@@ -84,6 +86,7 @@ class TrainConfig:
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.save_every is None or self.save_every >= 1, "save_every", "must be >= 1 or None")
         need(self.keep_last >= 1, "keep_last", "must be >= 1")
+        need(self.dist_timeout_s >= 1, "dist_timeout_s", "must be >= 1 (seconds)")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), "betas",
              "must be two numbers in [0, 1)")

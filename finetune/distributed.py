@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_from_env(use_cuda: bool) -> DistInfo:
+def init_from_env(use_cuda: bool, timeout_s: int = 1800) -> DistInfo:
+    """Start the process group torchrun describes; a collective that waits over `timeout_s` raises, naming it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -38,7 +40,7 @@ def init_from_env(use_cuda: bool) -> DistInfo:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 

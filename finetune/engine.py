@@ -4,6 +4,7 @@ The training step is `Engine._step`, read top to bottom:
 
     count the target tokens of the whole accumulation window
     for each micro-batch: autocast forward -> summed token loss / window tokens -> backward
+      (`_forward_loss`: output layer + cross-entropy fused block by block, see finetune/loss.py)
     (first step) check that every trainable tensor got a gradient
     unscale (fp16) -> clip -> optimizer step (skipped on a non-finite loss) -> schedule -> zero grads
 
@@ -24,7 +25,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
@@ -32,6 +32,7 @@ from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, rng_
 from .config import TrainConfig
 from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
 from .freeze import trainable_report
+from .loss import capture_hidden, fusable_head, fused_head_loss, token_loss
 from .masks import IGNORE_INDEX
 from .metrics import GenerationMetrics
 from .models import is_t5_family, resolve_special_tokens
@@ -43,20 +44,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
-    """Summed cross-entropy over target tokens (labels != -100), in float32, and the count of correct tokens.
-
-    The caller divides by the number of target tokens in the accumulation window.
-    """
-    flat_logits = logits.reshape(-1, logits.size(-1)).float()
-    flat_labels = labels.reshape(-1)
-    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum",
-                           label_smoothing=label_smoothing)
-    valid = flat_labels != IGNORE_INDEX
-    correct = (flat_logits.argmax(-1)[valid] == flat_labels[valid]).sum()
-    return loss, correct
 
 
 # What the model gets. The batch also holds `decoder_attention_mask`, but the decoder does not need it: with
@@ -77,7 +64,7 @@ class Engine:
         self.noise = noise  # BART-style corruption of training sources, fresh each epoch
         self.tokenizer = tokenizer
         self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dist = distributed.init_from_env(self.device.type == "cuda")  # torchrun: one rank of several
+        self.dist = distributed.init_from_env(self.device.type == "cuda", self.config.dist_timeout_s)  # torchrun
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self._check_precision(model)
@@ -188,9 +175,7 @@ class Engine:
             elif self.dist.enabled and not last:
                 sync = model.no_sync()
             with sync:
-                with self.autocast():
-                    logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
-                batch_loss, batch_correct = token_loss(logits, batch["labels"], cfg.label_smoothing)
+                batch_loss, batch_correct = self._forward_loss(model, batch, cfg.label_smoothing)
                 # normalised over the whole window on every rank: k x b == k*b, and N ranks x b == N*b
                 # (DDP averages gradients over ranks, hence the factor `world`)
                 loss = batch_loss * world / window_tokens
@@ -234,6 +219,24 @@ class Engine:
         return {"loss": loss_value, "token_accuracy": correct_total / window_tokens, "lr": lr,
                 "grad_norm": grad_norm, "skipped": skipped, "tokens": window_tokens,
                 "samples": sum(len(b["labels"]) for b in window) * world}
+
+    def _forward_loss(self, model, batch, label_smoothing: float = 0.0):
+        """Autocast forward of `model` (the engine's model or its DDP wrapper) -> (summed token loss, correct).
+
+        With `fused_loss` and a plain linear output layer, the model runs up to that layer and
+        `finetune.loss.fused_head_loss` does head + cross-entropy block by block, never building the logits;
+        otherwise the logits go through `token_loss`. Same loss and gradients (tests/test_loss.py).
+        """
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        head = fusable_head(self.model) if self.config.fused_loss and not self._fsdp else None
+        with self.autocast():
+            if head is not None:
+                extra_bias = getattr(self.model, "final_logits_bias", None)  # BART's logits bias (a buffer)
+                with capture_hidden(self.model, head) as capture:
+                    model(**inputs)
+                return fused_head_loss(capture.hidden, head, batch["labels"], label_smoothing, extra_bias)
+            logits = model(**inputs).logits
+        return token_loss(logits, batch["labels"], label_smoothing)
 
     def _check_gradients(self):
         """After the first backward: every trainable tensor has a gradient, and not all of them are zero.
@@ -407,12 +410,9 @@ class Engine:
         loss_sum, tokens = 0.0, 0
         for indices in sampler.batches(0):
             batch = self._to_device(self.collate([examples[i] for i in indices]))
-            with self.autocast():
-                logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
-            batch_loss, _ = token_loss(logits, batch["labels"])
+            batch_loss, _ = self._forward_loss(self.model, batch)
             loss_sum += float(batch_loss)
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-            del logits
             texts = self._generate_ids(batch["input_ids"], batch["attention_mask"], num_beams, max_new_tokens)
             for i, text in zip(indices, texts):
                 source, target = pairs[i]

@@ -1,7 +1,10 @@
 """Two ranks on CPU with gloo equal one process with the same global batch; resume across 2 ranks; rank-0 files."""
+import faulthandler
 import json
 import os
 import socket
+import sys
+import time
 
 import pytest
 import torch
@@ -43,10 +46,14 @@ def make(method: str, dropout: float = 0.0):
 
 def config(out, batch_size, **kw):
     return TrainConfig(**{**dict(lr=3e-3, batch_size=batch_size, epochs=2, grad_accum=2, log_every=1,
-                                 progress=False, save_model=False, output_dir=str(out)), **kw})
+                                 dist_timeout_s=120, progress=False, save_model=False, output_dir=str(out)), **kw})
+
+
+HANG_S = 240  # a rank still running after this dumps every thread's stack and exits: a hang fails, never stalls CI
 
 
 def worker(rank, world, port, method, out, kw, resume):
+    faulthandler.dump_traceback_later(HANG_S, exit=True, file=sys.stderr)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -60,7 +67,14 @@ def worker(rank, world, port, method, out, kw, resume):
 
 def launch(out, method, resume=None, **kw):
     os.makedirs(out, exist_ok=True)
-    mp.spawn(worker, args=(2, free_port(), method, str(out), kw, resume), nprocs=2, join=True)
+    ctx = mp.start_processes(worker, args=(2, free_port(), method, str(out), kw, resume), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + HANG_S + 60
+    while not ctx.join(timeout=5):  # raises when a rank fails
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2-rank run still going after {HANG_S + 60} s: killed")
     if kw.get("fsdp"):
         return None
     return torch.load(os.path.join(out, "final.pt"), weights_only=True)

@@ -40,7 +40,7 @@ def batches(engine, pairs, size):
 @pytest.mark.parametrize("family", ["bart", "t5", "bert2bert"])
 def test_overfit_one_batch(tmp_path, family):
     model, tok = build(family, **({"hidden": 64} if family == "bert2bert" else {"d_model": 64}))
-    engine = Engine(model, tok, config(tmp_path, lr=3e-3))
+    engine = Engine(model, tok, config(tmp_path, lr=2e-3))
     history = engine.overfit_batch(SPELLING, steps=300)
     assert history[0]["loss"] > 3.0
     assert history[-1]["loss"] < 0.05

@@ -1,0 +1,147 @@
+"""The training loss: summed token cross-entropy, plain or fused with the output layer.
+
+`token_loss` takes the model's logits. `fused_head_loss` takes the hidden states that enter the output layer
+(`lm_head`) and computes logits, cross-entropy and their gradients a block of rows at a time, so the
+(target tokens x vocabulary) logits tensor, its float32 copy, its log-softmax and their gradients — several
+times the size of all the decoder's activations for a 50k vocabulary — never exist at once. The maths is the
+same: loss = logsumexp(z) - (1 - e) z_y - e mean(z) per target token (e = label smoothing, as
+`F.cross_entropy` defines it), gradient softmax(z) - (1 - e) onehot(y) - e / V. tests/test_loss.py pins both
+to `F.cross_entropy` on BART, T5 and bert2bert, with and without label smoothing, in fp32 and bf16.
+
+`capture_hidden` gets those hidden states out of an unmodified `transformers` model: for one forward it puts
+a stand-in where the output layer is, which records its input and returns a one-column placeholder, so the
+model's own forward (and a DDP wrapper around it) runs as usual up to the head.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masks import IGNORE_INDEX
+
+ROW_BLOCK_ELEMENTS = 1 << 23  # logits elements per block (32 MiB in float32): bounds the loss's extra memory
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
+    """Summed cross-entropy over target tokens (labels != -100), in float32, and the count of correct tokens.
+
+    The caller divides by the number of target tokens in the accumulation window.
+    """
+    flat_logits = logits.reshape(-1, logits.size(-1)).float()
+    flat_labels = labels.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=label_smoothing)
+    valid = flat_labels != IGNORE_INDEX
+    correct = (flat_logits.argmax(-1)[valid] == flat_labels[valid]).sum()
+    return loss, correct
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden @ weight.T + bias + extra_bias, labels); gradients made block by block in forward.
+
+    The loss is only ever scaled by a number before backward (1 / window tokens, the fp16 loss scale), so
+    computing d(loss)/d(inputs) during forward and multiplying by the incoming scalar in backward is exact.
+    Under autocast the matrix multiplies run in its dtype (as `nn.Linear` would); the softmax is float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, extra_bias, labels, label_smoothing, rows, need_grads):
+        want = ctx.needs_input_grad[:3] if need_grads else (False, False, False)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if want[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and want[2] else None
+        autocast = torch.is_autocast_enabled(hidden.device.type)  # then matmuls cast their inputs themselves
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        vocab = weight.shape[0]
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], labels[start:start + rows]
+            z = F.linear(h, weight, bias).float()
+            if extra_bias is not None:
+                z += extra_bias
+            lse = torch.logsumexp(z, dim=-1)
+            z_y = z.gather(1, y[:, None]).squeeze(1)
+            row_loss = lse - (1 - label_smoothing) * z_y
+            if label_smoothing:
+                row_loss -= label_smoothing * z.mean(-1)
+            loss += row_loss.sum()
+            correct += (z.argmax(-1) == y).sum()
+            if not any(want):
+                continue
+            g = z.sub_(lse[:, None]).exp_()  # d(loss)/dz = softmax(z) - (1 - e) onehot(y) - e / V, built in place
+            g.scatter_add_(1, y[:, None], torch.full_like(z_y[:, None], label_smoothing - 1))
+            if label_smoothing:
+                g -= label_smoothing / vocab
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+            if not autocast:
+                g = g.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + rows] = g @ weight
+            if grad_weight is not None:
+                grad_weight += g.t() @ h
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        out = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
+        return (*out, None, None, None, None, None)
+
+
+def fused_head_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, label_smoothing: float = 0.0,
+                    extra_bias: torch.Tensor | None = None, rows: int | None = None):
+    """`token_loss(head(hidden) + extra_bias, labels)` without building the logits: (summed loss, correct count).
+
+    hidden: (..., d) as it enters `head`; labels: (...) with -100 where there is no target. Only the target
+    positions go through the head. `rows` per block defaults to ROW_BLOCK_ELEMENTS / vocabulary.
+    """
+    valid = labels != IGNORE_INDEX
+    flat_hidden, flat_labels = hidden[valid], labels[valid]
+    rows = rows or max(1, ROW_BLOCK_ELEMENTS // head.out_features)
+    extra = extra_bias.reshape(-1).float() if extra_bias is not None else None
+    return _FusedLinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, extra, flat_labels,
+                                          float(label_smoothing), rows, torch.is_grad_enabled())
+
+
+class _HiddenCapture(nn.Module):
+    """Stands in for the output layer during one forward: keeps its input, returns a (..., 1) zero placeholder."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = None
+
+    def forward(self, hidden):
+        self.hidden = hidden
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], 1)
+
+
+def fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output layer when the fused loss can stand in for it: a plain `nn.Linear` (not LoRA, not int8)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if type(head) is nn.Linear else None
+
+
+@contextlib.contextmanager
+def capture_hidden(model: nn.Module, head: nn.Linear):
+    """For the forwards inside: `head` is replaced by a `_HiddenCapture` (yielded) and a BART-style
+    `final_logits_bias` by a (1, 1) zero, so the model builds no (tokens x vocabulary) tensor. Both are put back.
+    """
+    parent, name = next((m, n) for m in model.modules() for n, child in m.named_children() if child is head)
+    capture = _HiddenCapture()
+    bias = getattr(model, "final_logits_bias", None)
+    setattr(parent, name, capture)
+    if bias is not None:
+        model.final_logits_bias = torch.zeros(1, 1, dtype=bias.dtype, device=bias.device)
+    try:
+        yield capture
+    finally:
+        setattr(parent, name, head)
+        if bias is not None:
+            model.final_logits_bias = bias

@@ -1,0 +1,101 @@
+"""The fused head + cross-entropy equals the model's logits through F.cross_entropy: loss, accuracy, gradients."""
+import pytest
+import torch
+
+from conftest import SPELLING, build
+from finetune.data import Collator, tokenize_pairs
+from finetune.loss import capture_hidden, fused_head_loss, fusable_head, token_loss
+from finetune.models import resolve_special_tokens
+
+INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
+
+
+def batch_for(model, tok):
+    tokens = resolve_special_tokens(model, tok)
+    examples, _ = tokenize_pairs(SPELLING, tok, 32, 32, tokens.decoder_start)
+    return Collator(tokens.pad, tokens.decoder_start)(examples)
+
+
+def perturbed(family, seed=0):
+    """A tiny model whose output biases are not zero, so that they are part of what is compared."""
+    model, tok = build(family, seed=seed)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.normal_(0, 0.5, generator=g)
+        head = model.get_output_embeddings()
+        if head.bias is not None:
+            head.bias.normal_(0, 0.5, generator=g)
+    return model, tok
+
+
+def loss_and_grads(model, batch, fused, smoothing, dtype=None, rows=3):
+    model.zero_grad(set_to_none=True)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with autocast:
+        if fused:
+            head = fusable_head(model)
+            with capture_hidden(model, head) as cap:
+                out = model(**{k: batch[k] for k in INPUTS})
+            assert out.logits.shape[-1] == 1  # the model built no vocabulary-wide logits
+            loss, correct = fused_head_loss(cap.hidden, head, batch["labels"], smoothing,
+                                            getattr(model, "final_logits_bias", None), rows=rows)
+        else:
+            logits = model(**{k: batch[k] for k in INPUTS}).logits
+    if not fused:
+        loss, correct = token_loss(logits, batch["labels"], smoothing)
+    (loss / 7).backward()  # any scale: the fused backward multiplies by it
+    return loss.detach(), int(correct), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_loss_equals_cross_entropy_on_the_logits(family, smoothing):
+    model, tok = perturbed(family)
+    batch = batch_for(model, tok)
+    ref_loss, ref_correct, ref_grads = loss_and_grads(model, batch, False, smoothing)
+    loss, correct, grads = loss_and_grads(model, batch, True, smoothing)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert correct == ref_correct
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the model is as it was: its own head and bias are back
+    assert fusable_head(model) is model.get_output_embeddings()
+    assert model(**{k: batch[k] for k in INPUTS}).logits.shape[-1] == model.get_output_embeddings().out_features
+
+
+def test_fused_loss_under_bf16_autocast_matches_to_bf16_rounding(family):
+    model, tok = perturbed(family)
+    batch = batch_for(model, tok)
+    ref_loss, _, ref_grads = loss_and_grads(model, batch, False, 0.0, torch.bfloat16)
+    loss, _, grads = loss_and_grads(model, batch, True, 0.0, torch.bfloat16)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
+    for name, grad in ref_grads.items():
+        assert grads[name].dtype == grad.dtype == torch.float32
+        scale = grad.abs().max()
+        assert (grads[name] - grad).abs().max() <= 5e-2 * scale + 1e-6, name
+
+
+def test_fused_loss_frozen_head_and_inference_mode():
+    model, tok = perturbed("bart")
+    batch = batch_for(model, tok)
+    model.get_output_embeddings().weight.requires_grad_(False)  # tied: the embeddings are frozen too
+    _, _, grads = loss_and_grads(model, batch, True, 0.0)
+    assert "model.shared.weight" not in grads and grads  # the rest still learns
+    with torch.inference_mode():
+        head = fusable_head(model)
+        with capture_hidden(model, head) as cap:
+            model(**{k: batch[k] for k in INPUTS})
+        loss, _ = fused_head_loss(cap.hidden, head, batch["labels"], extra_bias=model.final_logits_bias)
+        ref, _ = token_loss(model(**{k: batch[k] for k in INPUTS}).logits, batch["labels"])
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_only_plain_linear_heads_are_fused():
+    from finetune.lora import apply_lora
+
+    model, _ = build("bart")
+    assert fusable_head(model) is model.lm_head
+    apply_lora(model, targets=r"lm_head", r=2)
+    assert fusable_head(model) is None
