@@ -30,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .distributed import load_full_state
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -86,25 +88,26 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+def _model_tensors(model: nn.Module, state: dict | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """What model.safetensors holds; `state` is a state dict gathered from FSDP shards (else the model's own)."""
     params = dict(model.named_parameters())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     total = sum(p.numel() for p in params.values())
     if trainable * 2 < total:
-        return {n: p.detach() for n, p in params.items() if p.requires_grad}, True
-    state = model.state_dict()
+        return {n: (p if state is None else state[n]).detach() for n, p in params.items() if p.requires_grad}, True
     seen, out = set(), {}
-    for name, tensor in state.items():  # tied tensors once (safetensors refuses shared storage)
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-        if tensor.numel() and key in seen:
+    for name, tensor in model.state_dict().items():  # tied tensors once (safetensors refuses shared storage)
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # an FSDP shard: its local part
+        key = (local.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if local.numel() and key in seen:
             continue
         seen.add(key)
-        out[name] = tensor.detach()
+        out[name] = (tensor if state is None else state[name]).detach()
     return out, False
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(optimizer, state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict() if state is None else state
     tensors, scalars = {}, {}
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
@@ -130,10 +133,13 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progress: dict, config: dict,
-                    keep_last: int = 2, rng_states: list | None = None) -> str:
+                    keep_last: int = 2, rng_states: list | None = None, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> str:
     """Write one checkpoint atomically under `directory` and point `latest` at it; prune to `keep_last`.
 
-    `rng_states` holds every rank's `rng_state()` (rank order); by default this process's alone.
+    `rng_states` holds every rank's `rng_state()` (rank order); by default this process's alone. Under FSDP,
+    `model_state` and `optimizer_state` are the full states gathered from the shards
+    (`distributed.full_state_dict`, `distributed.full_optimizer_state`); the files are the same as without.
     """
     os.makedirs(directory, exist_ok=True)
     name = f"step-{progress['step']:08d}"
@@ -141,9 +147,9 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progres
     tmp = os.path.join(directory, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model_tensors, sparse = _model_tensors(model)
+    model_tensors, sparse = _model_tensors(model, model_state)
     save_file({k: v.contiguous() for k, v in model_tensors.items()}, os.path.join(tmp, "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer, optimizer_state)
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
     rng_states = rng_states or [rng_state()]
     rng_tensors = {f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rng_states) for k, v in tensors.items()}
@@ -233,9 +239,9 @@ def find_checkpoint(directory: str, resume: str) -> str:
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict, data_hash: str,
-                    rank: int = 0, world_size: int = 1) -> dict:
+                    rank: int = 0, world_size: int = 1, fsdp: bool = False) -> dict:
     """Check compatibility, then restore model tensors, optimizer, scheduler, scaler and this rank's RNG;
-    returns state.json."""
+    returns state.json. With `fsdp`, every rank reads the full tensors and keeps its shard of them."""
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     problems = []
@@ -259,10 +265,11 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
         raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
 
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    own = model.state_dict()
-    with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value)
+    if not fsdp:
+        own = model.state_dict()
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(value)
     opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     opt_state: dict = {}
     for key, value in opt_tensors.items():
@@ -271,10 +278,14 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
     for key, value in state["optimizer"]["scalars"].items():
         index, name = key.split(".", 1)
         opt_state.setdefault(int(index), {})[name] = value
-    current = optimizer.state_dict()
-    groups = [{**g, **({"names": c["names"]} if "names" in c else {})}
-              for g, c in zip(state["optimizer"]["param_groups"], current["param_groups"])]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    if fsdp:
+        load_full_state(model, optimizer, tensors,
+                        {"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    else:
+        current = optimizer.state_dict()
+        groups = [{**g, **({"names": c["names"]} if "names" in c else {})}
+                  for g, c in zip(state["optimizer"]["param_groups"], current["param_groups"])]
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])

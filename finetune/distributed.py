@@ -98,3 +98,40 @@ def full_state_dict(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer's whole state on rank 0 (CPU tensors), gathered from FSDP shards, in the layout of a
+    plain `optimizer.state_dict()` (per-parameter state keyed 0, 1, ... in group order); empty elsewhere.
+
+    torch's gathered optimizer state is keyed by parameter name; renumbering it makes an FSDP checkpoint's
+    optimizer file the same as a one-process one.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return {}
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    groups, start = [], 0
+    for group in state["param_groups"]:
+        groups.append({**group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model, optimizer, model_tensors: dict, optimizer_state: dict) -> None:
+    """Put full (unsharded) model tensors and a plain-layout optimizer state into an FSDP-sharded model and
+    its optimizer: every rank passes the same full values and keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_tensors, options=options)
+    names = [name for group in optimizer.param_groups for name in group["names"]]
+    groups = [{**saved, "params": list(group["names"])}
+              for saved, group in zip(optimizer_state["param_groups"], optimizer.param_groups)]
+    state = {names[i]: value for i, value in optimizer_state["state"].items()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=options)

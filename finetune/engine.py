@@ -289,9 +289,6 @@ class Engine:
             self._enable_checkpointing()
         self.model.train()
         self._log(str(trainable_report(self.model)))
-        if cfg.fsdp and (cfg.save_every or resume):
-            raise ValueError("TrainConfig.fsdp=True: training-state checkpoints (save_every, resume) are not "
-                             "supported with FSDP yet; the final model is saved")
         already_wrapped = self._fsdp or self.train_model is not self.model  # a second fit on this engine
         if self.dist.enabled and not already_wrapped and cfg.fsdp:
             distributed.shard_fsdp(self.model)  # in place: parameters become sharded DTensors
@@ -312,7 +309,7 @@ class Engine:
         if resume:
             path = find_checkpoint(checkpoints, resume)
             state = load_checkpoint(path, self.model, optimizer, scheduler, self.scaler, cfg.to_dict(), data_hash,
-                                    rank=rank, world_size=world)
+                                    rank=rank, world_size=world, fsdp=self._fsdp)
             self.global_step, start_epoch, start_window = state["step"], state["epoch"], state["window"]
             self._nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
             self._checked_gradients = True
@@ -321,12 +318,16 @@ class Engine:
 
         def checkpoint(epoch, window):
             rng = distributed.gather_objects(rng_state(), self.dist)  # every rank's generators
+            # FSDP: gather the full model and optimizer state to rank 0 (collectives: every rank takes part)
+            model_state = distributed.full_state_dict(self.model) if self._fsdp else None
+            optimizer_state = distributed.full_optimizer_state(self.model, optimizer) if self._fsdp else None
             path = None
             if self.dist.is_main:
                 progress = {"step": self.global_step, "epoch": epoch, "window": window, "data_fingerprint": data_hash,
                             "nonfinite_in_a_row": self._nonfinite_in_a_row, "world_size": world}
                 path = save_checkpoint(checkpoints, self.model, optimizer, scheduler, self.scaler, progress,
-                                       cfg.to_dict(), cfg.keep_last, rng_states=rng)
+                                       cfg.to_dict(), cfg.keep_last, rng_states=rng, model_state=model_state,
+                                       optimizer_state=optimizer_state)
             distributed.barrier(self.dist)
             return path
 

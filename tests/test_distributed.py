@@ -160,7 +160,24 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(saved.state_dict()[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
-def test_fsdp_refuses_training_state_checkpoints(tmp_path):
-    model, tok = make("full")
-    with pytest.raises(ValueError, match="fsdp=True: training-state checkpoints"):
-        Engine(model, tok, config(tmp_path, 4, fsdp=True, save_every=2)).fit(DATA)
+def test_fsdp_checkpoints_match_ddp_and_resume_exactly(tmp_path):
+    """FSDP checkpoints hold the full model and optimizer state in the same files as DDP's, and resume exactly."""
+    from safetensors.torch import load_file
+
+    common = dict(save_every=1, keep_last=10, dropout=0.1, save_model=True)
+    launch(tmp_path / "ddp", "full", **common)
+    launch(tmp_path / "a", "full", fsdp=True, **common)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ddp = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-00000002" / name))
+        fsdp = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000002" / name))
+        assert fsdp.keys() == ddp.keys(), name
+        for key, tensor in ddp.items():
+            torch.testing.assert_close(fsdp[key], tensor, atol=1e-5, rtol=0, msg=f"{name}: {key}")
+    run = tmp_path / "b"
+    launch(run, "full", fsdp=True, **common)
+    launch(run, "full", resume=str(run / "checkpoints" / "step-00000002"), fsdp=True, **common)
+    reference = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    resumed = load_file(str(run / "model" / "model.safetensors"))
+    assert resumed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
