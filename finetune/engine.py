@@ -77,6 +77,7 @@ class Engine:
         self.global_step = 0
         self._fsdp = False
         self._checked_gradients = False
+        self._fused_ok: bool | None = None  # None: the fused loss is not checked against the logits yet
         self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ class Engine:
         otherwise the logits go through `token_loss`. Same loss and gradients (tests/test_loss.py).
         """
         inputs = {k: batch[k] for k in MODEL_INPUTS}
-        head = fusable_head(self.model) if self.config.fused_loss and not self._fsdp else None
+        head = self._fused_head(batch)
         with self.autocast():
             if head is not None:
                 extra_bias = getattr(self.model, "final_logits_bias", None)  # BART's logits bias (a buffer)
@@ -237,6 +238,36 @@ class Engine:
                 return fused_head_loss(capture.hidden, head, batch["labels"], label_smoothing, extra_bias)
             logits = model(**inputs).logits
         return token_loss(logits, batch["labels"], label_smoothing)
+
+    def _fused_head(self, batch):
+        """The output layer to fuse with the loss, or None. The first time, the fused loss is checked against
+        the model's own logits on this batch (eval mode, no gradients, no random numbers drawn): a model that
+        changes its logits after the output layer (scaling, capping) would make the fused loss wrong, so a
+        disagreement warns and the engine keeps to the plain loss."""
+        if not self.config.fused_loss or self._fsdp or self._fused_ok is False:
+            return None
+        head = fusable_head(self.model)
+        if head is None or self._fused_ok:
+            return head
+        was_training = self.model.training
+        self.model.eval()
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        with torch.no_grad(), self.autocast():
+            plain, _ = token_loss(self.model(**inputs).logits, batch["labels"])
+            with capture_hidden(self.model, head) as capture:
+                self.model(**inputs)
+            fused, _ = fused_head_loss(capture.hidden, head, batch["labels"], 0.0,
+                                       getattr(self.model, "final_logits_bias", None))
+        self.model.train(was_training)
+        tolerance = 1e-4 if self.config.precision == "fp32" else 2e-2
+        plain, fused = float(plain), float(fused)
+        self._fused_ok = abs(fused - plain) <= tolerance * max(1.0, abs(plain))
+        if not self._fused_ok:
+            warnings.warn(f"fused_loss: on the first batch the fused output layer + loss gives {fused:.6g} and the "
+                          f"model's own logits give {plain:.6g}; this model changes its logits after the output "
+                          "layer, so the engine uses the plain loss (set fused_loss=False to skip this check)",
+                          stacklevel=3)
+        return head if self._fused_ok else None
 
     def _check_gradients(self):
         """After the first backward: every trainable tensor has a gradient, and not all of them are zero.
