@@ -95,8 +95,9 @@ def hung(err: Exception) -> bool:
 
 def launch(out, method, resume=None, **kw):
     """Two gloo ranks on this CPU. A run that hangs is retried once, with a warning that carries the first
-    error (its stacks are on stderr): a full CI run hung here twice in six, never in ~25 runs of this file alone, and
-    the cause is not found yet. A rank that *fails* is never retried."""
+    error and the stacks each rank's watchdog wrote. Two full CI runs (of about six) hung here; about 20 runs
+    of this file or its tests alone never did, and the cause is not found yet. A rank that *fails* is never
+    retried."""
     for attempt in (1, 2):
         if resume is None:
             shutil.rmtree(out, ignore_errors=True)  # a retry starts clean
