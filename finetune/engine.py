@@ -228,16 +228,19 @@ class Engine:
         `finetune.loss.fused_head_loss` does head + cross-entropy block by block, never building the logits;
         otherwise the logits go through `token_loss`. Same loss and gradients (tests/test_loss.py).
         """
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
         head = self._fused_head(batch)
         with self.autocast():
             if head is not None:
-                extra_bias = getattr(self.model, "final_logits_bias", None)  # BART's logits bias (a buffer)
-                with capture_hidden(self.model, head) as capture:
-                    model(**inputs)
-                return fused_head_loss(capture.hidden, head, batch["labels"], label_smoothing, extra_bias)
-            logits = model(**inputs).logits
+                return self._fused_loss(model, head, batch, label_smoothing)
+            logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
         return token_loss(logits, batch["labels"], label_smoothing)
+
+    def _fused_loss(self, model, head, batch, label_smoothing: float = 0.0):
+        """`model` run up to `head`, then head + cross-entropy by `fused_head_loss` (call under autocast)."""
+        with capture_hidden(self.model, head) as capture:
+            model(**{k: batch[k] for k in MODEL_INPUTS})
+        extra_bias = getattr(self.model, "final_logits_bias", None)  # BART's logits bias (a buffer)
+        return fused_head_loss(capture.hidden, head, batch["labels"], label_smoothing, extra_bias)
 
     def _fused_head(self, batch):
         """The output layer to fuse with the loss, or None. The first time, the fused loss is checked against
@@ -251,13 +254,9 @@ class Engine:
             return head
         was_training = self.model.training
         self.model.eval()
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
         with torch.no_grad(), self.autocast():
-            plain, _ = token_loss(self.model(**inputs).logits, batch["labels"])
-            with capture_hidden(self.model, head) as capture:
-                self.model(**inputs)
-            fused, _ = fused_head_loss(capture.hidden, head, batch["labels"], 0.0,
-                                       getattr(self.model, "final_logits_bias", None))
+            plain, _ = token_loss(self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch["labels"])
+            fused, _ = self._fused_loss(self.model, head, batch)
         self.model.train(was_training)
         tolerance = 1e-4 if self.config.precision == "fp32" else 2e-2
         plain, fused = float(plain), float(fused)

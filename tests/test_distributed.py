@@ -105,7 +105,7 @@ def launch(out, method, resume=None, **kw):
         try:
             run_ranks(out, method, resume, kw)
             break
-        except (Hung, mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+        except Exception as err:  # `hung` tells a stuck run from a failed one
             if attempt == 2 or not hung(err):
                 raise
             stacks = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(out, "stacks-rank*.txt"))))
