@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .distributed import load_full_state
+from .outputs import replace_dir
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -167,17 +168,17 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progres
     manifest = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
                 for f in FILES}
     _fsync_write_json(os.path.join(tmp, MANIFEST), manifest)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(directory)
+    replace_dir(tmp, final)  # atomic even when a checkpoint of this step exists (a resumed run writes it again)
     pointer_tmp = os.path.join(directory, f".{LATEST}.tmp")
     with open(pointer_tmp, "w", encoding="utf-8") as f:
         f.write(name + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer_tmp, os.path.join(directory, LATEST))
-    for old in list_checkpoints(directory)[:-keep_last]:
+    # keep the newest `keep_last` up to this one; never touch a newer one (left by a run resumed from an
+    # older checkpoint: it is the user's, not ours to delete)
+    older = [n for n in list_checkpoints(directory) if n <= name]
+    for old in older[:-keep_last]:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
     return final
 
@@ -191,11 +192,21 @@ def list_checkpoints(directory: str) -> list[str]:
 
 
 def verify(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint folder (pass 'latest' or a checkpoints/step-N folder)")
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_path):
         raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete")
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable ({err}); the checkpoint is corrupt") from None
+    if not isinstance(manifest, dict) or set(manifest) != set(FILES) or not all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in manifest.values()):
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (expected size and sha256 of "
+                              f"{', '.join(FILES)}); the checkpoint is corrupt")
     for name, expected in manifest.items():
         file = os.path.join(path, name)
         if not os.path.exists(file):
@@ -217,12 +228,22 @@ def find_checkpoint(directory: str, resume: str) -> str:
         return resume
     pointer = os.path.join(directory, LATEST)
     candidates = list_checkpoints(directory)
+    named = None
     if os.path.exists(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            named = f.read().strip()
+        try:
+            with open(pointer, encoding="utf-8") as f:
+                named = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            named = ""
+        if not re.fullmatch(r"step-\d{8}", named or ""):
+            warnings.warn(f"{pointer}: empty or damaged ({named!r:.40}); using the newest checkpoint that verifies",
+                          stacklevel=2)
+            named = None
+    if named is not None:
         candidates = [c for c in candidates if c <= named]
     if not candidates:
-        raise CheckpointError(f"{directory}: no checkpoint to resume from")
+        raise CheckpointError(f"{directory}: no checkpoint to resume from (start without resume, or check "
+                              "output_dir)")
     errors = []
     for name in reversed(candidates):
         path = os.path.join(directory, name)
@@ -242,8 +263,15 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
                     rank: int = 0, world_size: int = 1, fsdp: bool = False) -> dict:
     """Check compatibility, then restore model tensors, optimizer, scheduler, scaler and this rank's RNG;
     returns state.json. With `fsdp`, every rank reads the full tensors and keeps its shard of them."""
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        for key in ("step", "epoch", "window", "model_fingerprint", "trainable", "config", "data_fingerprint",
+                    "optimizer", "scheduler", "rng"):
+            state[key]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}/state.json: unreadable or incomplete ({err!r}); the checkpoint is corrupt"
+                              ) from None
     problems = []
     saved_world = state.get("world_size", 1)
     if saved_world != world_size:

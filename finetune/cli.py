@@ -16,6 +16,7 @@ import sys
 from .checkpoint import CheckpointError
 from .data import DataError, read_pairs
 from .models import ModelNotAvailable
+from .outputs import OutputDirError
 
 TINY = {"tiny-bart": "tiny_bart", "tiny-t5": "tiny_t5", "tiny-bert2bert": "tiny_bert2bert"}
 
@@ -50,6 +51,7 @@ def cmd_train(args) -> int:
     from .engine import Engine
     from .freeze import freeze, trainable_report, unfreeze
     from .methods import apply_method, exact_names_pattern
+    from .outputs import RunLock, claim_for_fresh_run
     from .run_config import load_run_config
 
     run = load_run_config(args.config, args.set)
@@ -67,14 +69,17 @@ def cmd_train(args) -> int:
     cfg = train_cfg
     train = load_data(run.data.train, run.data.train_limit, cfg.seed, cfg.source_field, cfg.target_field)
     evaluation = load_data(run.data.eval, run.data.eval_limit, cfg.seed, cfg.source_field, cfg.target_field)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "trainable.txt"), "w", encoding="utf-8") as f:
-        f.write(str(trainable_report(model)) + "\n")
-    with open(os.path.join(cfg.output_dir, "run_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"config_file": os.path.abspath(args.config), "overrides": args.set,
-                   **{k: _plain(getattr(run, k)) for k in ("model", "method", "data", "train", "noise")}}, f, indent=1)
     engine = Engine(model, tokenizer, cfg, noise=run.noise)
-    history = engine.fit(train, eval=evaluation, resume=args.resume)
+    with RunLock(cfg.output_dir):  # the run's files are written only once it owns the folder
+        if args.resume is None:
+            claim_for_fresh_run(cfg.output_dir, cfg.overwrite_output_dir, dry_run=True)
+        with open(os.path.join(cfg.output_dir, "trainable.txt"), "w", encoding="utf-8") as f:
+            f.write(str(trainable_report(model)) + "\n")
+        with open(os.path.join(cfg.output_dir, "run_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"config_file": os.path.abspath(args.config), "overrides": args.set,
+                       **{k: _plain(getattr(run, k)) for k in ("model", "method", "data", "train", "noise")}}, f,
+                      indent=1)
+        history = engine.fit(train, eval=evaluation, resume=args.resume)
     if history["eval"]:
         print(json.dumps(history["eval"][-1], indent=1))
     return 0
@@ -100,6 +105,9 @@ def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str
 
 
 def cmd_eval(args) -> int:
+    if not os.path.isdir(args.model):
+        raise ModelNotAvailable(f"--model {args.model}: not a folder (pass the model/ folder a training run wrote)")
+    read_pairs(args.data)  # a bad data file fails before the model loads
     engine = _engine_for(args.model, args.num_beams, args.batch_size, args.output_dir, args.max_new_tokens)
     metrics = engine.evaluate(args.data)
     print(json.dumps(metrics, indent=1))
@@ -180,9 +188,9 @@ def main(argv=None) -> int:
     for name, func in (("eval", cmd_eval), ("generate", cmd_generate)):
         p = sub.add_parser(name, help=f"{name} with a saved model folder")
         p.add_argument("--model", required=True)
-        p.add_argument("--num-beams", type=int, default=4)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--num-beams", type=_positive, default=4)
+        p.add_argument("--batch-size", type=_positive, default=64)
+        p.add_argument("--max-new-tokens", type=_positive, default=64)
         if name == "eval":
             p.add_argument("--data", required=True)
             p.add_argument("--output-dir", default=None)
@@ -194,11 +202,43 @@ def main(argv=None) -> int:
     r.add_argument("--png", default=None)
     r.set_defaults(func=cmd_report)
     args = ap.parse_args(argv)
+    from .engine import TrainingStopped
+
     try:
         return args.func(args)
-    except (ValueError, DataError, ModelNotAvailable, CheckpointError, FileNotFoundError, ImportError) as err:
-        print(f"finetune {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, DataError, ModelNotAvailable, CheckpointError, OutputDirError, OSError,
+            ImportError) as err:
+        _error(args.command, err)
         return 2
+    except TrainingStopped as err:
+        _error(args.command, f"training stopped: {err}")
+        return 1
+    except KeyboardInterrupt:
+        _error(args.command, "interrupted")
+        return 130
+    except Exception as err:  # a bug, not a user error: still one line; FINETUNE_TRACEBACK=1 shows where
+        if os.environ.get("FINETUNE_TRACEBACK"):
+            raise
+        _error(args.command, f"unexpected {type(err).__name__}: {err} (set FINETUNE_TRACEBACK=1 to see the traceback "
+                             "and please report it)")
+        return 1
+
+
+def _error(command: str, err) -> None:
+    text = " ".join(str(err).split()) if str(err).strip() else type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    print(f"finetune {command}: error: {text}", file=sys.stderr)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":

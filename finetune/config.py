@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class TrainConfig:
     save_model: bool = True
     save_every: int | None = None  # optimizer steps between training-state checkpoints (also saved at the end)
     keep_last: int = 2  # checkpoints kept on disk
+    overwrite_output_dir: bool = False  # a fresh run into a folder that holds another run's outputs replaces them
     progress: bool = True
 
     def __post_init__(self):
@@ -63,6 +65,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _fits(value, hints[f.name]):
+                raise ValueError(f"TrainConfig.{f.name}={value!r}: expected {_describe(hints[f.name])}, got "
+                                 f"{type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{f.name}={value!r}: must be a finite number")
+
         def need(ok: bool, name: str, what: str):
             if not ok:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {what}")
@@ -81,17 +92,33 @@ class TrainConfig:
         need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         need(self.max_source_length >= 2, "max_source_length", "must be >= 2")
         need(self.max_target_length >= 2, "max_target_length", "must be >= 2")
+        need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1 or None")
         need(self.num_beams >= 1, "num_beams", "must be >= 1")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or None")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.save_every is None or self.save_every >= 1, "save_every", "must be >= 1 or None")
         need(self.keep_last >= 1, "keep_last", "must be >= 1")
         need(self.dist_timeout_s >= 1, "dist_timeout_s", "must be >= 1 (seconds)")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
-        need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), "betas",
-             "must be two numbers in [0, 1)")
-        need(all(isinstance(v, (int, float)) and v > 0 for v in self.lr_overrides.values()), "lr_overrides",
-             "values must be learning rates > 0")
+        need(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
+        need(bool(self.output_dir.strip()), "output_dir", "must name a folder (it is empty)")
+        need(bool(self.source_field) and bool(self.target_field) and self.source_field != self.target_field,
+             "target_field", f"source_field and target_field must be two different non-empty names "
+             f"(source_field={self.source_field!r})")
+        need(self.device is None or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
+             "must be None, 'cpu', 'cuda' or 'cuda:N'")
+        need(self.betas is None or (len(self.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in self.betas)),
+             "betas", "must be two numbers in [0, 1)")
+        need(self.eps is None or self.eps > 0, "eps", "must be > 0 or None")
+        need(all(isinstance(p, str) for p in self.no_decay), "no_decay", "must be a list of regex strings")
+        need(all(isinstance(k, str) for k in self.lr_overrides), "lr_overrides", "keys must be regex strings")
+        need(all(_number(v) and math.isfinite(v) and v > 0 for v in self.lr_overrides.values()), "lr_overrides",
+             "values must be finite learning rates > 0")
+        from .patterns import compile_patterns
+
+        compile_patterns(self.no_decay, "TrainConfig.no_decay")
+        compile_patterns(list(self.lr_overrides), "TrainConfig.lr_overrides")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
@@ -107,6 +134,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _describe(hint) -> str:
+    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string", type(None): "None"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    if typing.get_origin(hint) is dict:
+        return "a table (mapping)"
+    return names.get(hint, str(hint))
 
 
 def _fits(value, hint) -> bool:

@@ -1,12 +1,14 @@
 """Text pairs -> tokenised examples -> padded, shifted, masked batches.
 
-Files: JSONL (one object a line, fields configurable), TSV and CSV (two columns, source then target;
-an optional header row naming the two fields). A malformed row raises `DataError` naming the file,
-the line and what is wrong.
+Files: JSONL (one object a line, fields configurable), TSV (a tab separates the two columns; quotes are
+plain characters) and CSV (two columns with RFC 4180 quoting); TSV and CSV may start with a header row
+naming the two fields. Files are UTF-8 (a byte-order mark is dropped). A malformed row, or bytes that are
+not UTF-8, raise `DataError` naming the file, the line and what is wrong.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -26,31 +28,60 @@ Pair = tuple[str, str]
 
 
 def read_pairs(data, source_field: str = "source", target_field: str = "target") -> list[Pair]:
-    """(source, target) pairs from a .jsonl/.tsv/.csv path or a list of pairs."""
+    """(source, target) pairs from a .jsonl/.tsv/.csv path or a sequence of pairs."""
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
+        if not path:
+            raise DataError("data path is empty: pass a .jsonl/.tsv/.csv file or a list of (source, target) pairs")
+        if os.path.isdir(path):
+            raise DataError(f"{path}: is a folder, not a data file (pass a .jsonl, .tsv or .csv file)")
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file")
         ext = os.path.splitext(path)[1].lower()
-        if ext in (".jsonl", ".json"):
-            pairs = _read_jsonl(path, source_field, target_field)
-        elif ext in (".tsv", ".csv"):
-            pairs = _read_delimited(path, "\t" if ext == ".tsv" else ",", source_field, target_field)
-        else:
+        if ext not in (".jsonl", ".json", ".tsv", ".csv"):
             raise DataError(f"{path}: unknown data format '{ext}' (use .jsonl, .tsv or .csv)")
+        text = read_text(path)
+        if ext == ".json" and text.lstrip().startswith("["):
+            pairs = _read_json_array(path, text, source_field, target_field)
+        elif ext in (".jsonl", ".json"):
+            pairs = _read_jsonl(path, text, source_field, target_field)
+        elif ext == ".tsv":
+            pairs = _read_tsv(path, text, source_field, target_field)
+        else:
+            pairs = _read_csv(path, text, source_field, target_field)
         if not pairs:
             raise DataError(f"{path}: no pairs in the file")
         return pairs
+    if isinstance(data, (bytes, dict)) or not hasattr(data, "__iter__"):
+        raise DataError(f"data: expected a file path or a list of (source, target) pairs, got {type(data).__name__}")
     pairs = []
     for i, item in enumerate(data):
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-            raise DataError(f"pairs[{i}]: expected a (source, target) pair of strings, got {item!r}")
+            raise DataError(f"pairs[{i}]: expected a (source, target) pair of strings, got {item!r:.200}")
         if not item[0].strip() or not item[1].strip():
             raise DataError(f"pairs[{i}]: empty source or target")
         pairs.append((item[0], item[1]))
     if not pairs:
         raise DataError("no pairs given")
     return pairs
+
+
+def read_text(path: str) -> str:
+    """A file's text as UTF-8, a leading byte-order mark dropped; bytes that are not UTF-8 are an error naming
+    the line and the byte."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}, file offset "
+                        f"{err.start}); save the file as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def _check_row(path: str, line: int, source, target) -> Pair:
@@ -62,39 +93,84 @@ def _check_row(path: str, line: int, source, target) -> Pair:
     return source, target
 
 
-def _read_jsonl(path: str, source_field: str, target_field: str) -> list[Pair]:
+def _read_jsonl(path: str, text: str, source_field: str, target_field: str) -> list[Pair]:
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in (source_field, target_field) if k not in row]
-            if missing:
-                raise DataError(f"{path}:{line_no}: missing field(s) {missing} (have {sorted(row)}); "
-                                "set source_field/target_field to the names your file uses")
-            pairs.append(_check_row(path, line_no, row[source_field], row[target_field]))
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in (source_field, target_field) if k not in row]
+        if missing:
+            raise DataError(f"{path}:{line_no}: missing field(s) {missing} (have {sorted(row)}); "
+                            "set source_field/target_field to the names your file uses")
+        pairs.append(_check_row(path, line_no, row[source_field], row[target_field]))
     return pairs
 
 
-def _read_delimited(path: str, delimiter: str, source_field: str, target_field: str) -> list[Pair]:
+def _read_json_array(path: str, text: str, source_field: str, target_field: str) -> list[Pair]:
+    """A .json file holding one array of objects (what `json.dump(list_of_dicts)` writes)."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON array of objects or one object per line (JSONL)")
     pairs = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+    for i, row in enumerate(rows):
+        where = f"{path}: item [{i}]"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in (source_field, target_field) if k not in row]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing} (have {sorted(row)}); set source_field/target_field")
+        for name, value in (("source", row[source_field]), ("target", row[target_field])):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: {name} must be a non-empty string, got {value!r:.80}")
+        pairs.append((row[source_field], row[target_field]))
+    return pairs
+
+
+def _is_header(row: list[str], pairs: list, source_field: str, target_field: str) -> bool:
+    return not pairs and [c.strip() for c in row] == [source_field, target_field]
+
+
+def _read_tsv(path: str, text: str, source_field: str, target_field: str) -> list[Pair]:
+    """TSV as written by `cut`/spreadsheets' "tab-separated": a tab separates, quotes are literal characters."""
+    pairs = []
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        row = line.split("\t")
+        if len(row) != 2:
+            raise DataError(f"{path}:{line_no}: expected 2 columns (source, target), got {len(row)} (columns are separated by tabs)")
+        if _is_header(row, pairs, source_field, target_field):
+            continue
+        pairs.append(_check_row(path, line_no, row[0], row[1]))
+    return pairs
+
+
+def _read_csv(path: str, text: str, source_field: str, target_field: str) -> list[Pair]:
+    """CSV with RFC 4180 quoting (a quoted cell may hold commas, quotes doubled, and newlines)."""
+    pairs = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         for row in reader:
             line_no = reader.line_num
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != 2:
                 raise DataError(f"{path}:{line_no}: expected 2 columns (source, target), got {len(row)}")
-            if not pairs and [c.strip() for c in row] == [source_field, target_field]:
-                continue  # header row
+            if _is_header(row, pairs, source_field, target_field):
+                continue
             pairs.append(_check_row(path, line_no, row[0], row[1]))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     return pairs
 
 

@@ -31,13 +31,16 @@ from . import distributed
 from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
+from .export import save_plain
 from .freeze import trainable_report
+from .lora import lora_layers, save_adapter
 from .loss import capture_hidden, fusable_head, fused_head_loss, token_loss
 from .masks import IGNORE_INDEX
 from .metrics import GenerationMetrics
 from .models import is_t5_family, resolve_special_tokens
 from .noise import NoiseConfig, add_noise
 from .optim import build_adamw, build_scheduler, describe_groups, param_groups
+from .outputs import OutputDirError, RunLock, claim_for_fresh_run, replace_dir
 
 
 def set_seed(seed: int) -> None:
@@ -60,16 +63,31 @@ class TrainingStopped(RuntimeError):
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, config: TrainConfig | None = None,
                  noise: NoiseConfig | None = None):
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"Engine: model must be a transformers seq2seq model (an nn.Module with a .config), got "
+                            f"{type(model).__name__}")
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError(f"Engine: tokenizer must be the model's transformers tokenizer, got {type(tokenizer).__name__}")
+        if config is not None and not isinstance(config, TrainConfig):
+            raise TypeError(f"Engine: config must be a TrainConfig (e.g. TrainConfig(**values)), got "
+                            f"{type(config).__name__}")
+        if noise is not None and not isinstance(noise, NoiseConfig):
+            raise TypeError(f"Engine: noise must be a NoiseConfig or None, got {type(noise).__name__}")
         self.config = config or TrainConfig()
+        self.config.validate()  # fields may have been changed after the config was made
         self.noise = noise  # BART-style corruption of training sources, fresh each epoch
         self.tokenizer = tokenizer
         self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig.device={self.config.device!r}: no CUDA device is available here (this torch "
+                             f"build: {torch.__version__}); use device='cpu' or leave it None")
         self.dist = distributed.init_from_env(self.device.type == "cuda", self.config.dist_timeout_s)  # torchrun
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self._check_precision(model)
         self._check_lengths(model)
         self.tokens = resolve_special_tokens(model, tokenizer)
+        _freeze_unused_pooler(model, self._log)
         self.model = model.to(self.device)
         self.train_model = self.model  # the DistributedDataParallel wrapper under torchrun
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
@@ -79,6 +97,7 @@ class Engine:
         self._checked_gradients = False
         self._fused_ok: bool | None = None  # None: the fused loss is not checked against the logits yet
         self._nonfinite_in_a_row = 0
+        self._last_checkpoint: str | None = None
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -96,14 +115,8 @@ class Engine:
 
     def _check_lengths(self, model):
         """Sequences longer than a model's learned position table crash deep inside it: say so up front."""
-        config = model.config
-        encoder = getattr(config, "encoder", config)
-        decoder = getattr(config, "decoder", config)
-        for name, side in (("max_source_length", encoder), ("max_target_length", decoder)):
-            limit = getattr(side, "max_position_embeddings", None)
-            if limit and getattr(self.config, name) > limit:
-                raise ValueError(f"TrainConfig.{name}={getattr(self.config, name)} exceeds the model's "
-                                 f"{limit} learned positions; set {name} <= {limit}")
+        for name in ("max_source_length", "max_target_length", "max_new_tokens"):
+            _check_length(model, name, getattr(self.config, name), f"TrainConfig.{name}")
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
@@ -111,13 +124,13 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _tokenized(self, data, name: str):
+    def _tokenized(self, data, name: str) -> "_Tokenized":
         cfg = self.config
         pairs = read_pairs(data, cfg.source_field, cfg.target_field)
         examples, report = tokenize_pairs(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
                                           self.tokens.decoder_start)
         self._log(f"{name}: {report}")
-        return pairs, examples
+        return _Tokenized(pairs, examples)
 
     def _noised(self, example: Example, epoch: int, index: int) -> Example:
         """The training source corrupted by `self.noise`, seeded by (seed, epoch, index): resumable."""
@@ -298,11 +311,39 @@ class Engine:
 
         `resume="latest"` (or a checkpoint folder) continues exactly where a run stopped. SIGTERM/SIGINT
         finish the current step, write a checkpoint and exit with status 128 + signal number.
+
+        Before the first step: the output folder is locked for this process (a second run into it is
+        refused, naming the holder) and checked writable; a fresh run into a folder holding another run's
+        outputs is refused unless `overwrite_output_dir`; the training and evaluation data are read and
+        tokenised, so a bad file fails here and not after hours of training.
         """
+        if resume is True:
+            resume = "latest"  # as HF Trainer's resume_from_checkpoint=True
+        if resume is False:
+            resume = None
+        if resume is not None and not isinstance(resume, (str, os.PathLike)):
+            raise TypeError(f"fit: resume must be 'latest', a checkpoint folder or None, got {type(resume).__name__}")
+        lock = RunLock(self.config.output_dir) if self.dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return self._fit(train, eval, os.fspath(resume) if resume is not None else None)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, train, eval, resume: str | None) -> dict:
         cfg = self.config
         set_seed(cfg.seed)
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        checkpoints = os.path.join(cfg.output_dir, "checkpoints")
+        if resume is None and self.dist.is_main:
+            removed = claim_for_fresh_run(cfg.output_dir, cfg.overwrite_output_dir)
+            if removed:
+                self._log(f"overwrite_output_dir: removed the earlier run's {', '.join(removed)}")
+        if resume is not None:
+            resume_path = find_checkpoint(checkpoints, resume)  # a missing or corrupt checkpoint fails now
         _, examples = self._tokenized(train, "train")
+        eval_set = self._tokenized(eval, "eval") if eval is not None else None
         world, rank = self.dist.world_size, self.dist.rank
         # global micro-batches of batch_size x world; rank r takes every world-th example of each
         sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size * world,
@@ -333,18 +374,18 @@ class Engine:
         self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
                   f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), precision "
                   f"{cfg.precision}, device {self.device}")
-        checkpoints = os.path.join(cfg.output_dir, "checkpoints")
         data_hash = data_fingerprint(examples)
         self.global_step, start_epoch, start_window = 0, 0, 0
-        if resume:
-            path = find_checkpoint(checkpoints, resume)
-            state = load_checkpoint(path, self.model, optimizer, scheduler, self.scaler, cfg.to_dict(), data_hash,
-                                    rank=rank, world_size=world, fsdp=self._fsdp)
+        self._nonfinite_in_a_row, self._last_checkpoint = 0, None
+        if resume is not None:
+            state = load_checkpoint(resume_path, self.model, optimizer, scheduler, self.scaler, cfg.to_dict(),
+                                    data_hash, rank=rank, world_size=world, fsdp=self._fsdp)
             self.global_step, start_epoch, start_window = state["step"], state["epoch"], state["window"]
             self._nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
             self._checked_gradients = True
+            self._last_checkpoint = resume_path
             if self.dist.is_main:
-                print(f"resumed from {path} at step {self.global_step}", flush=True)
+                print(f"resumed from {resume_path} at step {self.global_step}", flush=True)
 
         def checkpoint(epoch, window):
             rng = distributed.gather_objects(rng_state(), self.dist)  # every rank's generators
@@ -358,8 +399,24 @@ class Engine:
                 path = save_checkpoint(checkpoints, self.model, optimizer, scheduler, self.scaler, progress,
                                        cfg.to_dict(), cfg.keep_last, rng_states=rng, model_state=model_state,
                                        optimizer_state=optimizer_state)
+                self._last_checkpoint = path
             distributed.barrier(self.dist)
             return path
+
+        def periodic_checkpoint(epoch, window):
+            # while steps are being skipped as non-finite, no checkpoint is written, so pruning can never
+            # delete the last one written before the run started to diverge
+            if self._nonfinite_in_a_row:
+                self._log(f"step {self.global_step}: no checkpoint while steps are non-finite (last good: "
+                          f"{self._last_checkpoint})")
+            else:
+                checkpoint(epoch, window)
+
+        def save_training(epoch, window):  # after an evaluation failed: keep what was trained
+            paths = [checkpoint(epoch, window)] if not self.dist.enabled else []
+            if cfg.save_model:
+                paths.append(self._save_outputs(None))
+            return [p for p in paths if p]
 
         history = {"train": [], "eval": []}
         progress = _progress(total_steps, cfg.progress and self.dist.is_main, initial=self.global_step)
@@ -376,7 +433,12 @@ class Engine:
                         break
                     window = [self.collate([self._noised(examples[i], epoch, i) for i in b[rank::world]])
                               for b in batches[start:start + cfg.grad_accum]]
-                    stats = self._step(window, optimizer, scheduler)
+                    try:
+                        stats = self._step(window, optimizer, scheduler)
+                    except TrainingStopped as err:
+                        progress.close()
+                        raise TrainingStopped(f"{err} Last checkpoint written before that: "
+                                              f"{self._last_checkpoint or 'none (set save_every to keep some)'}") from None
                     position = (epoch, window_index + 1)
                     window_stats.append(stats)
                     progress.update(1)
@@ -398,29 +460,50 @@ class Engine:
                                   f"resume with engine.fit(..., resume='latest')", flush=True)
                         raise SystemExit(128 + signum)
                     if cfg.save_every and self.global_step % cfg.save_every == 0:
-                        checkpoint(*position)
-                    if eval is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
-                        self._evaluate_during_fit(eval, history)
-                if eval is not None and not cfg.eval_every:
-                    self._evaluate_during_fit(eval, history)
+                        periodic_checkpoint(*position)
+                    if eval_set is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
+                        self._evaluate_during_fit(eval_set, history, lambda: save_training(*position))
+                if eval_set is not None and not cfg.eval_every:
+                    self._evaluate_during_fit(eval_set, history, lambda: save_training(*position))
         progress.close()
         if cfg.save_every and self.global_step % cfg.save_every:
-            checkpoint(*position)
+            periodic_checkpoint(*position)
         if cfg.save_model:
             # under FSDP the shards are gathered first: a collective, so every rank takes part
             state = distributed.full_state_dict(self.model) if self._fsdp else None
             if self.dist.is_main:
-                path = self.save(os.path.join(cfg.output_dir, "model"), state_dict=state)
+                path = self._save_outputs(state)
                 self._log(f"model saved to {path}")
         distributed.barrier(self.dist)
         return history
 
-    def _evaluate_during_fit(self, data, history):
-        """Under torchrun, rank 0 evaluates (on the unwrapped model) while the others wait."""
+    def _evaluate_during_fit(self, data, history, save_training):
+        """Under torchrun, rank 0 evaluates (on the unwrapped model) while the others wait. An evaluation that
+        fails first saves the training (checkpoint and model), then stops the run saying where they are."""
         if self.dist.is_main:
-            history["eval"].append(self.evaluate(data))
+            try:
+                history["eval"].append(self.evaluate(data))
+            except Exception as err:
+                saved = save_training()
+                raise TrainingStopped(f"evaluation at step {self.global_step} failed ({type(err).__name__}: {err}); "
+                                      f"the training up to here is saved: {', '.join(saved) or 'nothing to save'}"
+                                      ) from err
         distributed.barrier(self.dist)
         self.model.train()
+
+    def _save_outputs(self, state: dict | None) -> str:
+        """model/ (plain transformers checkpoint, adapters merged) and, for LoRA, adapter/ beside it."""
+        path = self.save(os.path.join(self.config.output_dir, "model"), state_dict=state)
+        layers = lora_layers(self.model)
+        if layers and not self._fsdp and not any(m.merged for m in layers.values()) \
+                and hasattr(self.model, "lora_config"):
+            adapter = os.path.join(os.path.abspath(self.config.output_dir), "adapter")
+            shutil.rmtree(adapter + ".tmp", ignore_errors=True)
+            fmt = "finetune" if self.model.lora_config.get("also_train") else "peft"
+            save_adapter(self.model, adapter + ".tmp", format=fmt)
+            replace_dir(adapter + ".tmp", adapter)
+            self._log(f"adapter ({fmt} format) saved to {adapter}")
+        return path
 
     @torch.inference_mode()
     def evaluate(self, data, num_beams: int | None = None, max_new_tokens: int | None = None,
@@ -431,9 +514,11 @@ class Engine:
         no logits are kept. Predictions are written next to metrics.jsonl in the output folder.
         """
         cfg = self.config
+        pairs, examples = data if isinstance(data, _Tokenized) else self._tokenized(data, "eval")
+        if max_new_tokens is not None or num_beams is not None:
+            self._generate_ids(None, None, num_beams, max_new_tokens, check_only=True)
         was_training = self.model.training
         self.model.eval()
-        pairs, examples = self._tokenized(data, "eval")
         sampler = LengthGroupedBatches([len(e.input_ids) for e in examples], cfg.eval_batch_size or cfg.batch_size,
                                        shuffle=False)
         metrics = GenerationMetrics()
@@ -459,8 +544,17 @@ class Engine:
         self.model.train(was_training)
         return result
 
-    def _generate_ids(self, input_ids, attention_mask, num_beams=None, max_new_tokens=None) -> list[str]:
+    def _generate_ids(self, input_ids, attention_mask, num_beams=None, max_new_tokens=None,
+                      check_only: bool = False) -> list[str]:
         cfg = self.config
+        if max_new_tokens is not None:
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+            _check_length(self.model, "max_new_tokens", max_new_tokens, "max_new_tokens")
+        if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
+            raise ValueError(f"num_beams={num_beams!r}: must be an integer >= 1")
+        if check_only:
+            return []
         with self.autocast():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams or cfg.num_beams,
@@ -474,6 +568,11 @@ class Engine:
         """Generate one output per input text (greedy when num_beams=1, beam search otherwise)."""
         if isinstance(texts, str):
             texts = [texts]
+        texts = list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"generate: texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, expected a string")
+        self._generate_ids(None, None, num_beams, max_new_tokens, check_only=True)
         was_training = self.model.training
         self.model.eval()
         size = self.config.eval_batch_size or self.config.batch_size
@@ -492,6 +591,10 @@ class Engine:
         The check to run before a long job: loss should approach zero and token accuracy reach 100% within a
         few hundred steps. It changes the model's weights. Returns the per-step loss and token accuracy.
         """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"overfit_batch: steps must be an integer >= 1, got {steps!r}")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
+            raise ValueError(f"overfit_batch: lr must be a finite number > 0, got {lr!r}")
         _, examples = self._tokenized(pairs, "overfit batch")
         window = [self.collate(examples)]
         self.model.train()
@@ -504,17 +607,19 @@ class Engine:
         return history
 
     def save(self, path: str, state_dict: dict | None = None) -> str:
-        """save_pretrained (safetensors) + tokenizer into `path`, atomically: a complete folder or none."""
-        path = os.path.abspath(path)
-        tmp, old = path + ".tmp", path + ".old"
+        """The model as a plain transformers checkpoint (LoRA merged, int8 dequantised; finetune.export) plus the
+        tokenizer, into `path`. Written beside it first, then swapped in atomically: at every instant `path`
+        holds a complete model (the old or the new one)."""
+        path = os.path.abspath(os.fspath(path))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OutputDirError(f"save: {path} exists and is a file, not a model folder; choose another path")
+        tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        self.tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        added = save_plain(self.model, self.tokenizer, tmp, state=state_dict)
+        if added:
+            self._log(f"{path}: {len(added)} layers carry biases BitFit added; plain from_pretrained drops them - "
+                      "load this folder with finetune.models.load_seq2seq (or `finetune eval`), which puts them back")
+        replace_dir(tmp, path)
         return path
 
     def _append_metrics(self, record: dict):
@@ -523,6 +628,34 @@ class Engine:
         os.makedirs(self.config.output_dir, exist_ok=True)
         with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class _Tokenized(tuple):
+    """(pairs, examples) of one data set, read and tokenised once."""
+
+    def __new__(cls, pairs, examples):
+        return super().__new__(cls, (pairs, examples))
+
+
+def _check_length(model, name: str, value: int, where: str) -> None:
+    """A length beyond the learned position table of the side that reads it is an error naming the limit."""
+    config = model.config
+    side = getattr(config, "encoder", config) if name == "max_source_length" else getattr(config, "decoder", config)
+    limit = getattr(side, "max_position_embeddings", None)
+    if limit and value > limit:
+        side = "encoder" if name == "max_source_length" else "decoder"
+        raise ValueError(f"{where}={value} exceeds the model's {limit} learned positions ({side}); set it <= {limit}")
+
+
+def _freeze_unused_pooler(model, log) -> None:
+    """An EncoderDecoderModel built by `from_encoder_decoder_pretrained` keeps BERT's pooler in its encoder. No
+    seq2seq forward reads it, so it would get no gradient and stop training at the gradient check: freeze it."""
+    if getattr(model.config, "model_type", "") != "encoder-decoder":
+        return
+    pooler = getattr(getattr(model, "encoder", None), "pooler", None)
+    if pooler is not None and any(p.requires_grad for p in pooler.parameters()):
+        pooler.requires_grad_(False)
+        log("encoder.pooler is unused by an encoder-decoder model (it gets no gradient): frozen")
 
 
 def _summarise(window_stats: list[dict], seconds: float, step: int, epoch: int) -> dict:

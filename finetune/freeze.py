@@ -162,6 +162,21 @@ def bitfit(model: nn.Module, also=(), add_missing_biases: bool = False) -> Train
     return trainable_report(model)
 
 
+def _add_biases_to(model: nn.Module, names) -> None:
+    """Wrap the named bias-free nn.Linear layers in LinearWithAddedBias (reloading a saved BitFit T5)."""
+    for name in names:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"added bias for layer {name!r}: the model has no such layer") from None
+        if type(layer) is not nn.Linear or layer.bias is not None:
+            raise ValueError(f"added bias for layer {name!r}: expected a bias-free nn.Linear, found "
+                             f"{type(layer).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LinearWithAddedBias(layer))
+
+
 def _add_biases(model: nn.Module) -> int:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     added = 0

@@ -113,19 +113,54 @@ def is_int8(module: nn.Module) -> bool:
     return getattr(type(module), "is_int8_linear", False)
 
 
+def pattern_value(patterns: dict, name: str, default):
+    r"""PEFT's rule for `rank_pattern` / `alpha_pattern`: the first key `k` (in order) with
+    re.match(rf"(.*\.)?({k})$", name) gives the value; otherwise the default."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-               also_train=(), rslora: bool = False, exclude=()) -> list[str]:
+               also_train=(), rslora: bool = False, exclude=(), rank_pattern: dict | None = None,
+               alpha_pattern: dict | None = None) -> list[str]:
     """Wrap the linear layers whose module name matches a target regex; freeze everything else.
 
     `also_train` regexes name parameters that train in full beside the adapters (e.g. bert2bert's new
-    cross-attention); `exclude` regexes name modules never to wrap. A target that matches no linear layer
-    is an error naming it. Returns the wrapped module names. The settings are kept on `model.lora_config`
-    for `save_adapter`.
+    cross-attention); `exclude` regexes name modules never to wrap. `rank_pattern` / `alpha_pattern` give
+    some layers another r / alpha (PEFT's keys and matching rule, `pattern_value`). A target that matches no
+    linear layer is an error naming it. Returns the wrapped module names. The settings are kept on
+    `model.lora_config` for `save_adapter`.
     """
+    for what, value in (("r", r), ("alpha", alpha), ("dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"apply_lora: {what} must be a finite number, got {value!r}")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"apply_lora: r must be an integer >= 1, got {r!r}")
+    if alpha <= 0:
+        raise ValueError(f"apply_lora: alpha must be > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"apply_lora: dropout must be in [0, 1), got {dropout!r}")
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    compile_patterns(list(rank_pattern) + list(alpha_pattern), "apply_lora rank_pattern/alpha_pattern")
+    for key, value in rank_pattern.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"apply_lora: rank_pattern[{key!r}] must be an integer >= 1, got {value!r}")
+    for key, value in alpha_pattern.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"apply_lora: alpha_pattern[{key!r}] must be a number > 0, got {value!r}")
+    if isinstance(targets, str):
+        targets = [targets]
     targets = list(targets) if targets else default_targets(model)
     regexes = compile_patterns(targets, "apply_lora targets")
     excluded = compile_patterns(exclude, "apply_lora exclude")
     hits = {rx.pattern: [] for rx in regexes}
+    wrapped_already = [n for n, m in _linear_layers(model).items() if isinstance(m, LoRALinear)
+                       and any(rx.search(n) for rx in regexes)]
+    if wrapped_already:
+        raise ValueError(f"apply_lora: {len(wrapped_already)} target layer(s) already have LoRA (e.g. "
+                         f"{wrapped_already[0]}); apply LoRA once, or merge_lora(model) first")
     for name, module in _linear_layers(model).items():
         if isinstance(module, LoRALinear) or any(rx.search(name) for rx in excluded):
             continue
@@ -136,7 +171,9 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
             hits[rx.pattern].append(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, r=r, alpha=alpha, dropout=dropout, rslora=rslora))
+        setattr(parent, child, LoRALinear(module, r=pattern_value(rank_pattern, name, r),
+                                          alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
+                                          rslora=rslora))
     unmatched = [p for p, names in hits.items() if not names]
     if unmatched:
         raise ValueError(f"apply_lora: target pattern(s) {unmatched} match no linear layer "
@@ -150,7 +187,8 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
         unfreeze(model, also_train)
     wrapped = sorted({n for names in hits.values() for n in names})
     model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": targets,
-                         "also_train": list(also_train), "modules": wrapped}
+                         "also_train": list(also_train), "modules": wrapped, "rank_pattern": rank_pattern,
+                         "alpha_pattern": alpha_pattern}
     return wrapped
 
 
@@ -203,6 +241,7 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
             "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": config["r"], "lora_alpha": config["alpha"],
             "lora_dropout": config["dropout"], "use_rslora": config["rslora"], "bias": "none",
             "target_modules": config["modules"], "fan_in_fan_out": False, "init_lora_weights": True,
+            "rank_pattern": config.get("rank_pattern", {}), "alpha_pattern": config.get("alpha_pattern", {}),
             "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model,
         }
     else:
@@ -213,49 +252,164 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
 
 
 def load_adapter(model: nn.Module, directory: str) -> list[str]:
-    """Load an adapter folder (ours or PEFT's) into `model`, applying LoRA first if it has none yet."""
-    from safetensors.torch import load_file
+    """Load an adapter folder (ours or PEFT's) into `model`, applying LoRA first if it has none yet.
 
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path}: no adapter config (is this an adapter folder?)")
-    with open(config_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("peft_type") == "LORA":
-        weights = os.path.join(directory, PEFT_WEIGHTS)
-        state = {_from_peft_key(k): v for k, v in load_file(weights).items()}
-        settings = dict(r=meta["r"], alpha=meta["lora_alpha"], dropout=meta.get("lora_dropout", 0.0),
-                        rslora=meta.get("use_rslora", False), also_train=())
-        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    elif meta.get("format") == "finetune-lora":
-        weights = os.path.join(directory, ADAPTER_WEIGHTS)
-        state = load_file(weights)
-        settings = dict(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"], rslora=meta["rslora"],
-                        also_train=meta.get("also_train", []))
-        modules = meta["modules"]
-    else:
-        raise ValueError(f"{config_path}: neither a finetune nor a PEFT LoRA adapter config")
+    Everything is read and checked before the model is touched - the config (required keys and their
+    types), the weights (every tensor has a place, of the right shape), the settings PEFT can express and this
+    layer cannot (refused, never ignored) - so a bad adapter leaves the model exactly as it was. Loaded into a
+    model that already has LoRA layers on the same modules, the adapter's alpha (scaling) replaces theirs.
+    """
+    settings, modules, state, weights = _read_adapter(os.fspath(directory))
     existing = lora_layers(model)
-    if not existing:
-        apply_lora(model, targets=["^" + re.escape(m) + "$" for m in modules], **settings)
-    elif sorted(existing) != sorted(modules):
-        raise ValueError(f"{directory}: adapter wraps {len(modules)} modules that differ from the model's LoRA layers")
-    params = dict(model.named_parameters())
-    missing = [k for k in state if k not in params]
-    if missing:
-        raise ValueError(f"{weights}: tensors {missing[:3]} have no place in this model (a different base model?)")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{weights}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+    if existing and sorted(existing) != sorted(modules):
+        raise ValueError(f"{directory}: the adapter wraps {len(modules)} modules (e.g. {modules[:2]}) and the model's "
+                         f"LoRA layers are {len(existing)} others (e.g. {sorted(existing)[:2]}); load it into a model "
+                         "without LoRA layers")
+    if any(m.merged for m in existing.values()):
+        raise ValueError(f"{directory}: the model's LoRA layers are merged; unmerge() them before loading an adapter")
+    _check_adapter_fits(model, directory, weights, settings, modules, state, existing)
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    had_config = getattr(model, "lora_config", None)
+    try:
+        if not existing:
+            apply_lora(model, targets=["^" + re.escape(m) + "$" for m in modules], **settings)
+        else:
+            for name, layer in existing.items():
+                layer.alpha, layer.rslora = pattern_value(settings["alpha_pattern"], name, settings["alpha"]), \
+                    settings["rslora"]
+                layer.scaling = layer.alpha / (math.sqrt(layer.r) if layer.rslora else layer.r)
+            model.lora_config = {**(had_config or {}), "r": settings["r"], "alpha": settings["alpha"],
+                                 "rslora": settings["rslora"], "rank_pattern": settings["rank_pattern"],
+                                 "alpha_pattern": settings["alpha_pattern"], "modules": sorted(modules)}
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+    except Exception:
+        if not existing:  # put the plain layers back
+            for name, layer in lora_layers(model).items():
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        if had_config is None and hasattr(model, "lora_config"):
+            del model.lora_config
+        elif had_config is not None:
+            model.lora_config = had_config
+        raise
     return sorted(state)
 
 
-def _from_peft_key(key: str) -> str:
+def _read_adapter(directory: str):
+    """(settings for apply_lora, module names, tensors by model name, weights path) of an adapter folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such adapter folder")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: no adapter config (is this an adapter folder?)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
+
+    def need(key, kind, default=_REQUIRED):
+        value = meta.get(key, default)
+        if value is _REQUIRED:
+            raise ValueError(f"{config_path}: required key '{key}' is missing")
+        if value is not None and (isinstance(value, bool) and kind is not bool or not isinstance(value, kind)):
+            raise ValueError(f"{config_path}: '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+    number = (int, float)
+    if meta.get("peft_type") is not None:
+        if meta["peft_type"] != "LORA":
+            raise ValueError(f"{config_path}: peft_type {meta['peft_type']!r}: only LoRA adapters are supported")
+        unsupported = {"use_dora": bool(meta.get("use_dora")), "bias": meta.get("bias", "none") != "none",
+                       "modules_to_save": bool(meta.get("modules_to_save")),
+                       "layers_to_transform": meta.get("layers_to_transform") is not None,
+                       "fan_in_fan_out": bool(meta.get("fan_in_fan_out")),
+                       "lora_bias": bool(meta.get("lora_bias"))}
+        refused = [k for k, on in unsupported.items() if on]
+        if refused:
+            raise ValueError(f"{config_path}: this adapter uses PEFT settings this LoRA layer does not implement "
+                             f"({', '.join(f'{k}={meta.get(k)!r}' for k in refused)}); loading it would change the "
+                             "model differently than PEFT does")
+        weights = os.path.join(directory, PEFT_WEIGHTS)
+        settings = dict(r=need("r", int), alpha=need("lora_alpha", number), dropout=need("lora_dropout", number, 0.0),
+                        rslora=need("use_rslora", bool, False), also_train=(),
+                        rank_pattern=need("rank_pattern", dict, {}) or {},
+                        alpha_pattern=need("alpha_pattern", dict, {}) or {})
+        raw = _load_weights(weights, load_file, SafetensorError)
+        state = {_from_peft_key(k, weights): v for k, v in raw.items()}
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
+    elif meta.get("format") == "finetune-lora":
+        weights = os.path.join(directory, ADAPTER_WEIGHTS)
+        settings = dict(r=need("r", int), alpha=need("alpha", number), dropout=need("dropout", number, 0.0),
+                        rslora=need("rslora", bool, False), also_train=need("also_train", list, []),
+                        rank_pattern=need("rank_pattern", dict, {}) or {},
+                        alpha_pattern=need("alpha_pattern", dict, {}) or {})
+        modules = need("modules", list)
+        if not all(isinstance(m, str) for m in modules):
+            raise ValueError(f"{config_path}: 'modules' must be a list of module names")
+        state = _load_weights(weights, load_file, SafetensorError)
+    else:
+        raise ValueError(f"{config_path}: neither a finetune nor a PEFT LoRA adapter config (no 'peft_type' or "
+                         "'format' key)")
+    if settings["r"] < 1 or not settings["alpha"] > 0 or not 0 <= settings["dropout"] < 1:
+        raise ValueError(f"{config_path}: r must be >= 1, alpha > 0 and dropout in [0, 1) (got r={settings['r']}, "
+                         f"alpha={settings['alpha']}, dropout={settings['dropout']})")
+    if not modules:
+        raise ValueError(f"{weights}: holds no LoRA tensors")
+    return settings, modules, state, weights
+
+
+_REQUIRED = object()
+
+
+def _load_weights(path, load_file, error_type):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing (the adapter's weights)")
+    try:
+        return load_file(path)
+    except (error_type, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _check_adapter_fits(model, directory, weights, settings, modules, state, existing) -> None:
+    """Every adapter tensor has a place in the model, of the shape the settings give it."""
+    linear = _linear_layers(model)
+    expected = {}
+    for name in modules:
+        layer = existing.get(name) or linear.get(name)
+        if layer is None:
+            raise ValueError(f"{directory}: module {name!r} is not a linear layer of this model (a different base "
+                             f"model?); linear layers look like {_some_linear_names(model)}")
+        r = existing[name].r if name in existing else pattern_value(settings["rank_pattern"], name, settings["r"])
+        expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
+        expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
+    params = dict(model.named_parameters())
+    for key, tensor in state.items():
+        plain = key if key in params else key.replace(".base_layer.", ".")  # a bias inside a layer LoRA will wrap
+        shape = expected.get(key) or (tuple(params[plain].shape) if plain in params and ".lora_" not in key else None)
+        if shape is None:
+            raise ValueError(f"{weights}: tensor {key!r} has no place in this model (a different base model?)")
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{weights}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)} "
+                             "(a different r, or a different base model?)")
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise ValueError(f"{weights}: missing LoRA tensors {absent[:3]}")
+
+
+def _from_peft_key(key: str, where: str = "PEFT adapter") -> str:
     if not key.startswith(PEFT_PREFIX):
-        raise ValueError(f"unexpected PEFT adapter key {key!r} (expected the prefix {PEFT_PREFIX!r})")
+        raise ValueError(f"{where}: unexpected key {key!r} (expected the prefix {PEFT_PREFIX!r})")
     key = key[len(PEFT_PREFIX):]
     return re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1.weight", key)
 

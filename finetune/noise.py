@@ -38,6 +38,17 @@ class NoiseConfig:
     protect: str | Protect | None = None  # "last_word", or a function (ids, tokenizer) -> protected positions
 
     def __post_init__(self):
+        for name in ("mask_rate", "delete_rate", "infill_rate", "poisson_lambda"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+                    float("inf"), float("-inf")):
+                raise ValueError(f"NoiseConfig.{name}={value!r}: must be a finite number")
+        for name in ("permute_sentences", "rotate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"NoiseConfig.{name}={getattr(self, name)!r}: must be true or false")
+        if self.protect is not None and not isinstance(self.protect, str) and not callable(self.protect):
+            raise ValueError(f"NoiseConfig.protect={self.protect!r}: must be a rule name such as 'last_word', a "
+                             "function (ids, tokenizer) -> set of positions, or None")
         for name in ("mask_rate", "delete_rate", "infill_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

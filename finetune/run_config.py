@@ -14,11 +14,16 @@ Unknown sections and keys, and values of the wrong type, are errors naming the f
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 import typing
 from dataclasses import dataclass, field
 
 from .config import TrainConfig, _fits
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency on those versions)
+    import tomli as tomllib
 from .methods import METHODS
 from .noise import NoiseConfig
 

@@ -1,0 +1,109 @@
+"""The trained model as a plain `transformers` checkpoint, and a strict reload of it.
+
+The engine's surgery wraps layers (LoRALinear, Int8Linear, BitFit's LinearWithAddedBias), so the model's own
+state dict has keys its transformers class does not know (`q_proj.base_layer.weight`, `lora_A`, `inner.weight`,
+`q.base.weight`). `plain_state_dict` writes every wrapped layer back under the plain layer's names:
+
+    LoRA          W + (alpha / r) B A   (nothing added when the layer is merged already)
+    int8          the dequantised float weight (row * scale / 127)
+    added bias    the base weight, and the bias beside it (`q.bias`) - which T5's class has no place for
+
+A model saved this way (`save_plain`) reloads with `from_pretrained` and computes what the trained model
+computed (LoRA: up to float rounding; int8: the dequantised weights, without int8's activation rounding).
+T5 with BitFit's added biases is the one exception: plain `T5ForConditionalGeneration` has no bias in its
+linear layers, so the biases are listed in `finetune_model.json`, and `finetune.models.load_seq2seq` adds
+them back before loading (plain `from_pretrained` would report them as unexpected keys and drop them).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from .freeze import LinearWithAddedBias, _add_biases_to
+from .lora import LoRALinear, is_int8
+
+MARKER = "finetune_model.json"  # written into every model folder the engine saves; its presence makes loading strict
+
+
+def _float_linear(module: nn.Module, state: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) in float of a plain, int8 or added-bias linear layer found at `prefix` in `state`."""
+    if is_int8(module):
+        plain = module.dequantize()
+        return plain.weight.detach(), None if plain.bias is None else plain.bias.detach()
+    if isinstance(module, LinearWithAddedBias):
+        return state[prefix + "base.weight"], state[prefix + "bias"]
+    return state[prefix + "weight"], state.get(prefix + "bias")
+
+
+def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict under the model class's own names (see the module docstring), and the names of layers
+    that carry a bias BitFit added. `state` is a full state dict gathered from FSDP shards (else the model's)."""
+    state = dict(model.state_dict() if state is None else state)
+    wrappers = {}
+    inside = set()
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, (LoRALinear, LinearWithAddedBias)) or is_int8(module):
+            wrappers[name] = module
+            inside.update(id(m) for m in module.modules() if m is not module)
+    added_biases = []
+    out_layers = {}
+    for name, module in wrappers.items():
+        prefix = name + "."
+        if isinstance(module, LoRALinear):
+            weight, bias = _float_linear(module.base_layer, state, prefix + "base_layer.")
+            if isinstance(module.base_layer, LinearWithAddedBias):
+                added_biases.append(name)
+            if not module.merged:
+                delta = state[prefix + "lora_B.weight"].float() @ state[prefix + "lora_A.weight"].float()
+                weight = (weight.float() + module.scaling * delta).to(weight.dtype)
+        else:
+            weight, bias = _float_linear(module, state, prefix)
+            if isinstance(module, LinearWithAddedBias):
+                added_biases.append(name)
+        out_layers[name] = (weight, bias)
+    for name in wrappers:
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+    for name, (weight, bias) in out_layers.items():
+        state[name + ".weight"] = weight.detach().contiguous()
+        if bias is not None:
+            state[name + ".bias"] = bias.detach().contiguous()
+    return state, sorted(added_biases)
+
+
+def save_plain(model: nn.Module, tokenizer, path: str, state: dict | None = None, extra: dict | None = None) -> list[str]:
+    """Write `model` into the folder `path` as a plain transformers checkpoint (safetensors) plus its tokenizer
+    and `finetune_model.json`. Returns the layers with added biases (see the module docstring)."""
+    plain, added = plain_state_dict(model, state)
+    model.save_pretrained(path, safe_serialization=True, state_dict=plain)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    marker = {"saved_by": "finetune", "added_biases": added, **(extra or {})}
+    with open(os.path.join(path, MARKER), "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1)
+    return added
+
+
+def read_marker(path: str) -> dict | None:
+    """`finetune_model.json` of a saved model folder, or None when the folder was not written by the engine."""
+    file = os.path.join(path, MARKER)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: unreadable ({err}); the folder was written by finetune but this file is damaged")
+    if not isinstance(marker, dict) or not isinstance(marker.get("added_biases", []), list):
+        raise ValueError(f"{file}: not a finetune model marker (expected a JSON object with 'added_biases')")
+    return marker
+
+
+def add_saved_biases(model: nn.Module, names: list[str]) -> None:
+    """Give the layers BitFit added biases to (as listed in the marker) their zero bias back, before loading."""
+    _add_biases_to(model, names)
