@@ -2,7 +2,7 @@
 
     python benchmarks/bench_compile.py --model bart-base --batch-size 16 --src-len 32 --tgt-len 16
 
-Runs `Engine._step` on the same synthetic batches as bench_train.py, with the model as it is and with
+Runs `Engine.train_step` on the same synthetic batches as bench_train.py, with the model as it is and with
 `torch.compile(model)` (inductor, default mode) as the module the step calls; prints compile/warm-up time and
 samples/s after warm-up. The engine offers no compile option because this probe found no gain on the CPU the
 figures in the README come from; rerun it where you train.
@@ -35,15 +35,15 @@ def worker(args) -> dict:
         engine.train_model = torch.compile(engine.model)
     model.train()
     total = args.warmup + args.steps
-    _, optimizer, scheduler = engine._build_optimizer(total, 0)
+    engine.build_optimizer(total, 0)
     examples = synthetic_examples(args.batch_size * total, args.src_len, args.tgt_len, len(tok), 0, tok.eos_token_id)
     windows = [[engine.collate(examples[i * args.batch_size:(i + 1) * args.batch_size])] for i in range(total)]
     start = time.perf_counter()
     for w in windows[:args.warmup]:
-        engine._step(w, optimizer, scheduler)
+        engine.train_step(w)
     warm = time.perf_counter()
     for w in windows[args.warmup:]:
-        engine._step(w, optimizer, scheduler)
+        engine.train_step(w)
     end = time.perf_counter()
     return {"mode": args.mode, "warmup_s": warm - start, "samples_per_s": args.steps * args.batch_size / (end - warm)}
 

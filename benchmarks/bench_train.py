@@ -32,14 +32,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from finetune.methods import exact_names_pattern  # noqa: E402
+from finetune.methods import METHODS, exact_names_pattern  # noqa: E402
 
 MODELS = ("minilm", "bart-base", "t5-base")
 # PEFT's target_modules as one regex (full match), equal to what finetune.methods wraps: BART q_proj/v_proj,
 # T5 q/v, bert2bert the pretrained self-attention query/value (its new cross-attention trains in full).
 PEER_LORA_TARGETS = {"bart": r".*\.(q_proj|v_proj)", "t5": r".*\.(q|v)",
                      "encoder-decoder": r".*(?<!cross)attention\.self\.(query|value)"}
-METHODS = ("full", "frozen-encoder", "bitfit", "lora", "int8-lora")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,29 +46,15 @@ METHODS = ("full", "frozen-encoder", "bitfit", "lora", "int8-lora")
 
 
 def build(model_name: str):
-    """(model, tokenizer, new parameter names). bart-base / t5-base sizes from configs, random weights."""
-    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
-
-    from finetune.models import bert2bert, char_tokenizer, minilm_path
+    """(model, tokenizer, new parameter names): the bundled MiniLM bert2bert, or bart-base / t5-base sizes from
+    their configs with random weights (finetune.models.base_sized)."""
+    from finetune.models import base_sized, bert2bert, minilm_path
 
     if model_name == "minilm":
         built = bert2bert(minilm_path())
         return built.model, built.tokenizer, built.new_parameters
-    if model_name == "bart-base":
-        tok = char_tokenizer("bart")
-        config = BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
-                            encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                            decoder_ffn_dim=3072, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
-                            forced_eos_token_id=tok.eos_token_id)
-        return BartForConditionalGeneration(config), tok, []
-    if model_name == "t5-base":
-        tok = char_tokenizer("t5")
-        config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                          decoder_start_token_id=tok.pad_token_id)
-        return T5ForConditionalGeneration(config), tok, []
-    raise ValueError(f"unknown model {model_name!r}")
+    model, tok = base_sized(model_name)
+    return model, tok, []
 
 
 def synthetic_examples(n: int, src_len: int, tgt_len: int, vocab: int, seed: int, eos: int):
@@ -175,20 +160,20 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
                             output_dir=tempfile.mkdtemp(), save_model=False)
     engine = Engine(model, tok, train_cfg)
     if cfg["checkpointing"]:
-        engine._enable_checkpointing()
+        engine.enable_checkpointing()
     model.train()
     total = cfg["warmup"] + cfg["steps"]
-    _, optimizer, scheduler = engine._build_optimizer(total, 0)
+    engine.build_optimizer(total, 0)
     bs = cfg["batch_size"]
     windows = [[engine.collate(examples[i * bs:(i + 1) * bs])] for i in range(total)]
     reset_peak_memory(device)
     for w in windows[:cfg["warmup"]]:
-        engine._step(w, optimizer, scheduler)
+        engine.train_step(w)
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for w in windows[cfg["warmup"]:]:
-        engine._step(w, optimizer, scheduler)
+        engine.train_step(w)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -69,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=None, help="default 5e-5 (pretrained) / 3e-3 (tiny)")
     ap.add_argument("--output-dir", default="runs/bart_next_line")
+    ap.add_argument("--overwrite-output-dir", action="store_true",
+                    help="replace the outputs of an earlier run in --output-dir (otherwise refused)")
     args = ap.parse_args(argv)
 
     model, tokenizer = load_model(args.model, tiny_bart, "bart_next_line.py")
@@ -77,7 +79,8 @@ def main(argv=None):
     print(f"{len(pairs)} (line, next line) pairs; noise: {NOISE[args.noise]}")
     config = TrainConfig(lr=args.lr or (3e-3 if args.model == "tiny" else 5e-5), epochs=args.epochs, batch_size=8,
                          warmup_ratio=0.1, max_source_length=64, max_target_length=64, max_new_tokens=48,
-                         num_beams=4, output_dir=args.output_dir, log_every=10)
+                         num_beams=4, output_dir=args.output_dir,
+                         overwrite_output_dir=args.overwrite_output_dir, log_every=10)
     engine = Engine(model, tokenizer, config, noise=NOISE[args.noise])
     engine.fit(pairs)
     prompts = [src for src, _ in pairs[:4]]

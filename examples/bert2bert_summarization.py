@@ -14,7 +14,7 @@ from common import load_model  # noqa: F401  (puts the checkout on sys.path)
 
 from finetune import Engine, TrainConfig, read_pairs
 from finetune.models import bert2bert_by_name
-from finetune.methods import exact_names_pattern
+from finetune.methods import new_tensor_lr
 
 SAMPLE = [
     ("The city council voted on Tuesday to extend the opening hours of the public library to nine in the evening "
@@ -51,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--new-lr", type=float, default=1e-3)
     ap.add_argument("--output-dir", default="runs/bert2bert_summarization")
+    ap.add_argument("--overwrite-output-dir", action="store_true",
+                    help="replace the outputs of an earlier run in --output-dir (otherwise refused)")
     args = ap.parse_args(argv)
 
     built = bert2bert_by_name(args.model)
@@ -58,10 +60,11 @@ def main(argv=None):
     train = read_pairs(args.data, args.source_field, args.target_field) if args.data else SAMPLE
     test = read_pairs(args.eval_data, args.source_field, args.target_field) if args.eval_data else train[:4]
     positions = model.config.encoder.max_position_embeddings
-    config = TrainConfig(lr=args.lr, lr_overrides={exact_names_pattern(new): args.new_lr} if new else {},
+    config = TrainConfig(lr=args.lr, lr_overrides=new_tensor_lr(new, args.new_lr),
                          epochs=args.epochs, max_steps=3 if args.smoke else args.max_steps, batch_size=8,
                          warmup_ratio=0.1, max_source_length=min(256, positions), max_target_length=48,
-                         max_new_tokens=40, num_beams=4, output_dir=args.output_dir, log_every=5)
+                         max_new_tokens=40, num_beams=4, output_dir=args.output_dir,
+                         overwrite_output_dir=args.overwrite_output_dir, log_every=5)
     engine = Engine(model, tokenizer, config)
     engine.fit(train)
     metrics = engine.evaluate(test)

@@ -30,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None, help="default 1e-3 (bart-base) / 3e-3 (tiny)")
     ap.add_argument("--output-dir", default="runs/bitfit_bart")
+    ap.add_argument("--overwrite-output-dir", action="store_true",
+                    help="replace the outputs of an earlier run in --output-dir (otherwise refused)")
     args = ap.parse_args(argv)
 
     model, tokenizer = load_model(args.model, tiny_bart, "bitfit_bart.py")
@@ -41,7 +43,8 @@ def main(argv=None):
     config = TrainConfig(lr=args.lr or (3e-3 if args.model == "tiny" else 1e-3), weight_decay=0.0,
                          warmup_ratio=0.05, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, max_source_length=64, max_target_length=64,
-                         max_new_tokens=32, num_beams=4, output_dir=args.output_dir, log_every=10)
+                         max_new_tokens=32, num_beams=4, output_dir=args.output_dir,
+                         overwrite_output_dir=args.overwrite_output_dir, log_every=10)
     engine = Engine(model, tokenizer, config)
     engine.fit(train)
     metrics = engine.evaluate(test)

@@ -34,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16" if torch.cuda.is_available() else "fp32",
                     help="bf16 on GPU (T5 overflows fp16); fp32 on a CPU without native bf16")
     ap.add_argument("--output-dir", default="runs/lora_int8_flan_t5")
+    ap.add_argument("--overwrite-output-dir", action="store_true",
+                    help="replace the outputs of an earlier run in --output-dir (otherwise refused)")
     args = ap.parse_args(argv)
 
     model, tokenizer = load_model(args.model, tiny_t5, "lora_int8_flan_t5.py")
@@ -46,7 +48,8 @@ def main(argv=None):
     config = TrainConfig(lr=args.lr or (3e-3 if args.model == "tiny" else 3e-4), epochs=args.epochs,
                          max_steps=args.max_steps, batch_size=32, warmup_ratio=0.05, precision=args.precision,
                          max_source_length=64, max_target_length=32, max_new_tokens=24, num_beams=4,
-                         output_dir=args.output_dir, log_every=10, save_model=False)
+                         output_dir=args.output_dir,
+                         overwrite_output_dir=args.overwrite_output_dir, log_every=10, save_model=False)
     engine = Engine(model, tokenizer, config)
     engine.fit(train)
     metrics = engine.evaluate(test)

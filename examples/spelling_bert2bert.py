@@ -24,11 +24,8 @@ import torch  # noqa: E402
 
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
-from finetune.methods import METHODS, apply_method, exact_names_pattern  # noqa: E402
+from finetune.methods import METHODS, apply_method, new_tensor_lr  # noqa: E402
 from finetune.models import bert2bert_by_name  # noqa: E402
-
-# LoRA on the pretrained self-attention query/value projections; the new tensors train in full.
-LORA_TARGETS = [r"^(encoder|decoder\.bert)\.encoder\.layer\.\d+\.attention\.self\.(query|value)$"]
 
 
 def main(argv=None):
@@ -45,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--output-dir", default="runs/spelling")
+    ap.add_argument("--overwrite-output-dir", action="store_true",
+                    help="replace the outputs of an earlier run in --output-dir (otherwise refused)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare", action="store_true", help="run every method (each in its own process) and tabulate")
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
@@ -54,15 +53,18 @@ def main(argv=None):
 
     built = bert2bert_by_name(args.model)
     model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
-    apply_method(model, args.method, new_names, lora_targets=LORA_TARGETS if args.model != "tiny" else None)
+    # LoRA goes on the pretrained query/value projections (the family's default targets, less the new
+    # cross-attention, which trains in full as every new tensor does)
+    apply_method(model, args.method, new_names)
 
     train = codespell_pairs("train", limit=args.train_size, seed=args.seed)
     test = codespell_pairs("test", limit=args.eval_size, seed=args.seed)
     config = TrainConfig(
-        lr=args.lr, lr_overrides={exact_names_pattern(new_names): args.new_lr} if new_names else {},
+        lr=args.lr, lr_overrides=new_tensor_lr(new_names, args.new_lr),
         weight_decay=0.01, warmup_ratio=0.05, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, precision=args.precision, max_source_length=32, max_target_length=32,
         num_beams=args.num_beams, max_new_tokens=16, seed=args.seed, output_dir=args.output_dir,
+        overwrite_output_dir=args.overwrite_output_dir,
         log_every=20, eval_batch_size=128,
     )
     engine = Engine(model, tokenizer, config)

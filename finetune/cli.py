@@ -18,57 +18,16 @@ from .data import DataError, read_pairs
 from .models import ModelNotAvailable
 from .outputs import OutputDirError
 
-TINY = {"tiny-bart": "tiny_bart", "tiny-t5": "tiny_t5", "tiny-bert2bert": "tiny_bert2bert"}
-
-
-def build_model(section):
-    """(model, tokenizer, newly initialised parameter names) for a [model] section."""
-    from . import models
-
-    if section.name in TINY:
-        print(f"model {section.name}: a small RANDOMLY INITIALISED model with a character tokenizer")
-        model, tokenizer = getattr(models, TINY[section.name])()
-        return model, tokenizer, []
-    if section.name == "minilm" or section.bert2bert:
-        built = models.bert2bert_by_name(section.name)
-        return built.model, built.tokenizer, built.new_parameters
-    model, tokenizer = models.load_seq2seq(section.name)
-    return model, tokenizer, []
-
-
-def load_data(spec: str | None, limit: int | None, seed: int, source_field: str, target_field: str):
-    if spec is None:
-        return None
-    if spec.startswith("codespell:"):
-        from .datasets import codespell_pairs
-
-        return codespell_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
-    pairs = read_pairs(spec, source_field, target_field)
-    return pairs[:limit] if limit else pairs
-
-
 def cmd_train(args) -> int:
     from .engine import Engine
-    from .freeze import freeze, trainable_report, unfreeze
-    from .methods import apply_method, exact_names_pattern
+    from .freeze import trainable_report
     from .outputs import RunLock, claim_for_fresh_run
-    from .run_config import load_run_config
+    from .run_config import build_run, load_run_config
 
     run = load_run_config(args.config, args.set)
-    model, tokenizer, new = build_model(run.model)
-    m = run.method
-    apply_method(model, m.name, new, lora_targets=m.lora_targets, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
-                 lora_dropout=m.lora_dropout, add_missing_biases=m.add_missing_biases, int8_threshold=m.int8_threshold)
-    if m.freeze:
-        freeze(model, m.freeze)
-    if m.unfreeze:
-        unfreeze(model, m.unfreeze)
-    train_cfg = run.train
-    if run.model.new_lr and new:
-        train_cfg.lr_overrides = {exact_names_pattern(new): run.model.new_lr, **train_cfg.lr_overrides}
-    cfg = train_cfg
-    train = load_data(run.data.train, run.data.train_limit, cfg.seed, cfg.source_field, cfg.target_field)
-    evaluation = load_data(run.data.eval, run.data.eval_limit, cfg.seed, cfg.source_field, cfg.target_field)
+    built = build_run(run)
+    model, tokenizer, cfg = built.model, built.tokenizer, built.config
+    train, evaluation = built.train, built.eval
     engine = Engine(model, tokenizer, cfg, noise=run.noise)
     with RunLock(cfg.output_dir):  # the run's files are written only once it owns the folder
         if args.resume is None:

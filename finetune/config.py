@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 
 

@@ -148,7 +148,8 @@ def _read_tsv(path: str, text: str, source_field: str, target_field: str) -> lis
             continue
         row = line.split("\t")
         if len(row) != 2:
-            raise DataError(f"{path}:{line_no}: expected 2 columns (source, target), got {len(row)} (columns are separated by tabs)")
+            raise DataError(f"{path}:{line_no}: expected 2 columns (source, target), got {len(row)} (columns are "
+                            "separated by tabs)")
         if _is_header(row, pairs, source_field, target_field):
             continue
         pairs.append(_check_row(path, line_no, row[0], row[1]))

@@ -93,6 +93,31 @@ def shard_fsdp(model) -> None:
     fully_shard(model)
 
 
+def wrap(model, info: DistInfo, fsdp: bool, device) -> tuple[object, bool]:
+    """(the module the step calls, sharded?): the model itself in one process; under torchrun a
+    DistributedDataParallel wrapper (only trainable tensors are registered, so frozen ones need no unused-parameter
+    search), or, with `fsdp`, the model itself sharded in place by FSDP2."""
+    if not info.enabled:
+        return model, False
+    if fsdp:
+        shard_fsdp(model)
+        return model, True
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda" else None), False
+
+
+def accumulation_sync(model, info: DistInfo, sharded: bool, last: bool):
+    """Gradients are reduced across ranks once per accumulation window, on its last micro-batch."""
+    import contextlib
+
+    if sharded:
+        model.set_requires_gradient_sync(last)
+    elif info.enabled and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def full_state_dict(model) -> dict:
     """The whole model's state dict on rank 0 (CPU tensors), gathered from the shards; empty elsewhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

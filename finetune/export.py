@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 from torch import nn
 
 from .freeze import LinearWithAddedBias, _add_biases_to
-from .lora import LoRALinear, is_int8
+from .lora import LoRALinear, is_int8, lora_layers
+from .outputs import OutputDirError, replace_dir
 
 MARKER = "finetune_model.json"  # written into every model folder the engine saves; its presence makes loading strict
 
@@ -76,7 +78,8 @@ def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[
     return state, sorted(added_biases)
 
 
-def save_plain(model: nn.Module, tokenizer, path: str, state: dict | None = None, extra: dict | None = None) -> list[str]:
+def save_plain(model: nn.Module, tokenizer, path: str, state: dict | None = None,
+               extra: dict | None = None) -> list[str]:
     """Write `model` into the folder `path` as a plain transformers checkpoint (safetensors) plus its tokenizer
     and `finetune_model.json`. Returns the layers with added biases (see the module docstring)."""
     plain, added = plain_state_dict(model, state)
@@ -107,3 +110,36 @@ def read_marker(path: str) -> dict | None:
 def add_saved_biases(model: nn.Module, names: list[str]) -> None:
     """Give the layers BitFit added biases to (as listed in the marker) their zero bias back, before loading."""
     _add_biases_to(model, names)
+
+
+def save_model_folder(model: nn.Module, tokenizer, path: str, state: dict | None = None, log=print) -> str:
+    """`save_plain` into a folder beside `path`, then swapped in atomically (finetune.outputs.replace_dir): at
+    every instant `path` holds a complete model, the old or the new one."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"save: {path} exists and is a file, not a model folder; choose another path")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    added = save_plain(model, tokenizer, tmp, state=state)
+    if added:
+        log(f"{path}: {len(added)} layers carry biases BitFit added; plain from_pretrained drops them - load this "
+            "folder with finetune.models.load_seq2seq (or `finetune eval`), which puts them back")
+    replace_dir(tmp, path)
+    return path
+
+
+def save_adapter_folder(model: nn.Module, path: str, log=print) -> str | None:
+    """A LoRA model's adapter alone into `path` (PEFT format; ours when it also trains whole tensors, which
+    PEFT's format cannot name), swapped in atomically. None when the model has no (unmerged) LoRA layers."""
+    from .adapters import save_adapter
+
+    layers = lora_layers(model)
+    if not layers or any(m.merged for m in layers.values()) or not hasattr(model, "lora_config"):
+        return None
+    path = os.path.abspath(os.fspath(path))
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    fmt = "finetune" if model.lora_config.get("also_train") else "peft"
+    save_adapter(model, path + ".tmp", format=fmt)
+    replace_dir(path + ".tmp", path)
+    log(f"adapter ({fmt} format) saved to {path}")
+    return path

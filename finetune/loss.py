@@ -11,15 +11,22 @@ to `F.cross_entropy` on BART, T5 and bert2bert, with and without label smoothing
 `capture_hidden` gets those hidden states out of an unmodified `transformers` model: for one forward it puts
 a stand-in where the output layer is, which records its input and returns a one-column placeholder, so the
 model's own forward (and a DDP wrapper around it) runs as usual up to the head.
+
+`TrainingLoss` is what the engine calls: one micro-batch in, (summed token loss, correct tokens) out. It owns
+the fused / plain choice - fused when asked for and the output layer is a plain `nn.Linear` (not LoRA, not
+int8) and the model is not sharded - and, for a model family the table (finetune/families.py) does not vouch
+for, checks the fused loss against the model's own logits on the first batch.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import family_of
 from .masks import IGNORE_INDEX
 
 ROW_BLOCK_ELEMENTS = 1 << 23  # logits elements per block (32 MiB in float32): bounds the loss's extra memory
@@ -129,19 +136,88 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
 
 
 @contextlib.contextmanager
-def capture_hidden(model: nn.Module, head: nn.Linear):
-    """For the forwards inside: `head` is replaced by a `_HiddenCapture` (yielded) and a BART-style
-    `final_logits_bias` by a (1, 1) zero, so the model builds no (tokens x vocabulary) tensor. Both are put back.
-    """
+def capture_hidden(model: nn.Module, head: nn.Linear, logits_bias: str | None = "final_logits_bias"):
+    """For the forwards inside: `head` is replaced by a `_HiddenCapture` (yielded) and the logits-bias buffer
+    (BART's `final_logits_bias`) by a (1, 1) zero, so the model builds no (tokens x vocabulary) tensor. Both are
+    put back."""
     parent, name = next((m, n) for m in model.modules() for n, child in m.named_children() if child is head)
     capture = _HiddenCapture()
-    bias = getattr(model, "final_logits_bias", None)
+    bias = getattr(model, logits_bias, None) if logits_bias else None
     setattr(parent, name, capture)
     if bias is not None:
-        model.final_logits_bias = torch.zeros(1, 1, dtype=bias.dtype, device=bias.device)
+        setattr(model, logits_bias, torch.zeros(1, 1, dtype=bias.dtype, device=bias.device))
     try:
         yield capture
     finally:
         setattr(parent, name, head)
         if bias is not None:
-            model.final_logits_bias = bias
+            setattr(model, logits_bias, bias)
+
+
+# What the model gets. The batch also holds `decoder_attention_mask`, but the decoder does not need it: with
+# right padding, the causal mask already keeps every real position from seeing the pads after it, and the
+# pads' own outputs are ignored by the loss (-100). Passing it only costs time (attention can no longer
+# take its causal fast path); tests/test_engine.py checks that the logits at every target position agree.
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
+
+
+class TrainingLoss:
+    """loss(model, batch) -> (summed token loss in float32, correct tokens), under the run's autocast.
+
+    `model` is the engine's model or its DDP wrapper; `self.model` (unwrapped) is where the output layer is
+    found. `fused` is the choice made for this model (see the module docstring); `reason` says why.
+    """
+
+    def __init__(self, model: nn.Module, precision, fused: bool = True, sharded: bool = False):
+        self.model, self.precision = model, precision
+        family = family_of(model)
+        self.logits_bias = family.logits_bias
+        head = fusable_head(model)
+        if not fused:
+            self.head, self.reason = None, "plain loss (fused_loss=False)"
+        elif sharded:
+            self.head, self.reason = None, "plain loss (the model is sharded by FSDP)"
+        elif head is None:
+            self.head, self.reason = None, "plain loss (the output layer is not a plain nn.Linear: LoRA or int8)"
+        else:
+            self.head, self.reason = head, "fused output layer + loss"
+        # the table vouches for transformers' own classes of a family: their logits come straight from the head
+        self.checked = family.head_is_last and type(model).__module__.startswith("transformers.")
+
+    @property
+    def fused(self) -> bool:
+        return self.head is not None
+
+    def __call__(self, model, batch, label_smoothing: float = 0.0):
+        if self.head is not None and not self.checked:
+            self._check(batch)
+        with self.precision.autocast():
+            if self.head is not None:
+                return self._fused(model, batch, label_smoothing)
+            logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+        return token_loss(logits, batch["labels"], label_smoothing)
+
+    def _fused(self, model, batch, label_smoothing: float = 0.0):
+        with capture_hidden(self.model, self.head, self.logits_bias) as capture:
+            model(**{k: batch[k] for k in MODEL_INPUTS})
+        extra_bias = getattr(self.model, self.logits_bias) if self.logits_bias else None
+        return fused_head_loss(capture.hidden, self.head, batch["labels"], label_smoothing, extra_bias)
+
+    def _check(self, batch) -> None:
+        """First batch of a family the table does not know: the fused loss must equal the model's own logits'
+        (eval mode, no gradients, no random numbers drawn, so an exact resume is untouched). A model that
+        changes its logits after the output layer (scaling, capping) gets a warning and the plain loss."""
+        self.checked = True
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self.precision.autocast():
+            plain, _ = token_loss(self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch["labels"])
+            fused, _ = self._fused(self.model, batch)
+        self.model.train(was_training)
+        tolerance = 1e-4 if self.precision.dtype is None else 2e-2
+        plain, fused = float(plain), float(fused)
+        if abs(fused - plain) > tolerance * max(1.0, abs(plain)):
+            warnings.warn(f"fused_loss: on the first batch the fused output layer + loss gives {fused:.6g} and the "
+                          f"model's own logits give {plain:.6g}; this model changes its logits after the output "
+                          "layer, so the engine uses the plain loss", stacklevel=3)
+            self.head, self.reason = None, "plain loss (the model changes its logits after the output layer)"

@@ -1,23 +1,36 @@
-"""The fine-tuning methods by name, as one function of the model: the surgery done before the optimizer.
+"""The fine-tuning methods by name: the model surgery done once, before the optimizer is built.
+
+Each method is one registered function `(model, new_tensors, **settings)`; `METHODS` lists them in order, and the
+CLI, run files, examples and benchmarks all read it. Adding a method is one `@register`ed function here.
 
     full            every tensor trains
     frozen-encoder  the encoder is frozen (tied tensors with it, such as a shared embedding, too)
-    bitfit          only biases (T5: zero-initialised added biases)
+    bitfit          only biases (T5: zero-initialised added biases with add_missing_biases=True)
     lora            LoRA adapters on the family's default (or given) targets; the rest frozen
     int8-lora       int8 base weights (bitsandbytes) under LoRA adapters
 
-`new_parameters` (a warm-started bert2bert's cross-attention and LM-head transform) always train in full:
-they start from random values, and no frozen-base method may leave them random.
+`new_tensors` (a warm-started bert2bert's cross-attention and LM-head transform: the names its load report
+gave as missing) always train in full: they start from random values, and no method may leave them random.
+`new_tensor_lr` gives them their own learning rate.
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 from torch import nn
 
+from .families import family_of
 from .freeze import bitfit, freeze, unfreeze
 
-METHODS = ("full", "frozen-encoder", "bitfit", "lora", "int8-lora")
+REGISTRY: dict[str, callable] = {}
+
+
+def register(name: str):
+    def add(fn):
+        REGISTRY[name] = fn
+        return fn
+    return add
 
 
 def exact_names_pattern(names) -> str | None:
@@ -28,35 +41,79 @@ def exact_names_pattern(names) -> str | None:
     return "^(" + "|".join(stems) + ")$"
 
 
+def new_tensor_lr(new_tensors, lr: float | None) -> dict[str, float]:
+    """`lr_overrides` giving the newly initialised tensors their own learning rate (empty if none, or no rate).
+
+    Warm-started models mix pretrained tensors with new ones: a rate that moves the new ones in minutes wrecks
+    the pretrained ones, and the textbook rate barely moves the new ones (DESIGN.md)."""
+    pattern = exact_names_pattern(new_tensors)
+    return {pattern: lr} if pattern and lr else {}
+
+
 def encoder_pattern(model: nn.Module) -> str:
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in ("bart", "mbart", "marian", "pegasus"):
-        return r"^model\.encoder\."
-    return r"^encoder\."
+    return family_of(model).encoder
 
 
-def apply_method(model: nn.Module, method: str, new_parameters=(), *, lora_targets=None, lora_r: int = 16,
-                 lora_alpha: float = 32, lora_dropout: float = 0.05, add_missing_biases: bool = False,
-                 int8_threshold: float = 6.0) -> nn.Module:
-    if method not in METHODS:
+def _new(new_tensors) -> list[str]:
+    return [p for p in [exact_names_pattern(new_tensors)] if p]
+
+
+@register("full")
+def full(model: nn.Module, new_tensors=()) -> None:
+    """Every tensor trains (nothing to do)."""
+
+
+@register("frozen-encoder")
+def frozen_encoder(model: nn.Module, new_tensors=()) -> None:
+    freeze(model, [encoder_pattern(model)])
+    if new_tensors:
+        unfreeze(model, _new(new_tensors))
+
+
+@register("bitfit")
+def bitfit_method(model: nn.Module, new_tensors=(), add_missing_biases: bool = False) -> None:
+    bitfit(model, also=_new(new_tensors), add_missing_biases=add_missing_biases)
+
+
+@register("lora")
+def lora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
+         lora_dropout: float = 0.05) -> None:
+    from .lora import apply_lora
+
+    new_modules = exact_names_pattern({n.rsplit(".", 1)[0] for n in new_tensors})
+    apply_lora(model, targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+               also_train=_new(new_tensors), exclude=[new_modules] if new_modules else ())
+
+
+@register("int8-lora")
+def int8_lora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
+              lora_dropout: float = 0.05, int8_threshold: float = 6.0) -> None:
+    from .int8 import prepare_int8_training, quantize_int8
+
+    quantize_int8(model, skip=_new(new_tensors), threshold=int8_threshold)  # new tensors train in full: keep float
+    prepare_int8_training(model)
+    lora(model, new_tensors, lora_targets, lora_r, lora_alpha, lora_dropout)
+
+
+METHODS = tuple(REGISTRY)
+
+
+def settings_of(method: str) -> dict:
+    """The settings a method takes, with their defaults."""
+    if method not in REGISTRY:
         raise ValueError(f"method {method!r}: choose one of {', '.join(METHODS)}")
-    new = [p for p in [exact_names_pattern(new_parameters)] if p]
-    if method == "frozen-encoder":
-        freeze(model, [encoder_pattern(model)])
-        if new:
-            unfreeze(model, new)
-    elif method == "bitfit":
-        bitfit(model, also=new, add_missing_biases=add_missing_biases)
-    elif method in ("lora", "int8-lora"):
-        from .lora import apply_lora
+    params = list(inspect.signature(REGISTRY[method]).parameters.values())[2:]
+    return {p.name: p.default for p in params}
 
-        if method == "int8-lora":
-            from .int8 import prepare_int8_training, quantize_int8
 
-            skip = new  # newly initialised tensors train in full: keep them float
-            quantize_int8(model, skip=skip, threshold=int8_threshold)
-            prepare_int8_training(model)
-        new_modules = exact_names_pattern({n.rsplit(".", 1)[0] for n in new_parameters})
-        apply_lora(model, targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, also_train=new,
-                   exclude=[new_modules] if new_modules else ())
+def apply_method(model: nn.Module, method: str, new_tensors=(), **settings) -> nn.Module:
+    """Apply a registered method; a setting the method does not take is an error naming it (None means not
+    set). Returns the model."""
+    known = settings_of(method)
+    settings = {k: v for k, v in settings.items() if v is not None}  # None: not set
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"method {method!r} takes no setting {', '.join(unknown)} (its settings: "
+                         f"{', '.join(known) or 'none'})")
+    REGISTRY[method](model, list(new_tensors or ()), **settings)
     return model

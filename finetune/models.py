@@ -8,13 +8,13 @@ shift) and generation (the first decoder token, the stop token) use the same one
 from __future__ import annotations
 
 import os
-import string
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-T5_FAMILY = {"t5", "mt5", "umt5", "longt5"}
+from .families import family_of
+
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def resolve_special_tokens(model: nn.Module, tokenizer) -> SpecialTokens:
     tokenizer_eos = _first_set(tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None))
     eos = _agree("eos_token_id", _config_id(model, "eos_token_id"), tokenizer_eos, bert2bert_hint)
     start = _config_id(model, "decoder_start_token_id")
-    if start is None and model_type in T5_FAMILY:
+    if start is None and family_of(model).starts_from_pad:
         start = pad  # T5 starts decoding from the pad token (T5 paper, and transformers' T5 configs)
     if start is None:
         raise ValueError(f"decoder_start_token_id is missing from the model config ({model_type}). {bert2bert_hint}")
@@ -81,15 +81,33 @@ def resolve_special_tokens(model: nn.Module, tokenizer) -> SpecialTokens:
     return tokens
 
 
+def check_length(model: nn.Module, name: str, value: int, where: str) -> None:
+    """A length beyond the learned position table of the side that reads it is an error naming the limit
+    (`max_source_length`: the encoder; `max_target_length`, `max_new_tokens`: the decoder)."""
+    config = model.config
+    side = getattr(config, "encoder", config) if name == "max_source_length" else getattr(config, "decoder", config)
+    limit = getattr(side, "max_position_embeddings", None)
+    if limit and value > limit:
+        which = "encoder" if name == "max_source_length" else "decoder"
+        raise ValueError(f"{where}={value} exceeds the model's {limit} learned positions ({which}); set it <= {limit}")
+
+
+def freeze_unused_pooler(model: nn.Module, log=print) -> None:
+    """An EncoderDecoderModel built by `from_encoder_decoder_pretrained` keeps BERT's pooler in its encoder. No
+    seq2seq forward reads it, so it would get no gradient and stop training at the gradient check: freeze it."""
+    if getattr(model.config, "model_type", "") != "encoder-decoder":
+        return
+    pooler = getattr(getattr(model, "encoder", None), "pooler", None)
+    if pooler is not None and any(p.requires_grad for p in pooler.parameters()):
+        pooler.requires_grad_(False)
+        log("encoder.pooler is unused by an encoder-decoder model (it gets no gradient): frozen")
+
+
 def _configs_to_update(model):
     configs = [model.config]
     if getattr(model, "generation_config", None) is not None:
         configs.append(model.generation_config)
     return configs
-
-
-def is_t5_family(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", "") in T5_FAMILY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,82 +283,5 @@ def bert2bert_by_name(name: str) -> Bert2Bert:
     return built
 
 
-# ---------------------------------------------------------------------------------------------
-# Tiny models and a character tokenizer, for tests and smoke runs (random weights, offline)
-
-CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " "
-SPECIALS = {
-    "bart": dict(pad="<pad>", bos="<s>", eos="</s>", unk="<unk>", mask="<mask>"),
-    "t5": dict(pad="<pad>", eos="</s>", unk="<unk>"),
-    "bert": dict(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]"),
-}
-
-
-def char_tokenizer(style: str = "bart"):
-    """A character-level fast tokenizer whose special tokens follow BART, T5 or BERT conventions.
-
-    bart: `<s> text </s>`; t5: `text </s>`; bert: `[CLS] text [SEP]`. Pad is id 0 in every style.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    if style not in SPECIALS:
-        raise ValueError(f"char_tokenizer: style must be one of {sorted(SPECIALS)}, got {style!r}")
-    special = SPECIALS[style]
-    vocab = {tok: i for i, tok in enumerate(list(special.values()) + list(CHARACTERS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=special["unk"]))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    first, last = {"bart": ("bos", "eos"), "t5": (None, "eos"), "bert": ("cls", "sep")}[style]
-    template = " ".join(t for t in (first and special[first], "$A", special[last]) if t)
-    used = [special[k] for k in (first, last) if k]
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
-    names = {"pad": "pad_token", "bos": "bos_token", "eos": "eos_token", "unk": "unk_token",
-             "mask": "mask_token", "cls": "cls_token", "sep": "sep_token"}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **{names[k]: v for k, v in special.items()})
-
-
-def tiny_bart(tokenizer=None, d_model: int = 32, layers: int = 1, seed: int = 0):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    tokenizer = tokenizer or char_tokenizer("bart")
-    torch.manual_seed(seed)
-    config = BartConfig(
-        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
-        decoder_ffn_dim=2 * d_model, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id,
-    )
-    return BartForConditionalGeneration(config), tokenizer
-
-
-def tiny_t5(tokenizer=None, d_model: int = 32, layers: int = 1, seed: int = 0):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    tokenizer = tokenizer or char_tokenizer("t5")
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model, num_layers=layers,
-        num_heads=2, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return T5ForConditionalGeneration(config), tokenizer
-
-
-def tiny_bert2bert(tokenizer=None, hidden: int = 32, layers: int = 1, seed: int = 0):
-    from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderModel
-
-    tokenizer = tokenizer or char_tokenizer("bert")
-    torch.manual_seed(seed)
-    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                  intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
-    encoder = BertModel(BertConfig(**common), add_pooling_layer=False)
-    decoder = BertLMHeadModel(BertConfig(**common, is_decoder=True, add_cross_attention=True))
-    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
-    model.config.decoder_start_token_id = tokenizer.cls_token_id
-    model.config.eos_token_id = tokenizer.sep_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+# Models built from configs (tiny ones for tests, base-sized ones for benchmarks): finetune/builders.py
+from .builders import base_sized, char_tokenizer, tiny_bart, tiny_bert2bert, tiny_t5  # noqa: E402,F401

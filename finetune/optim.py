@@ -14,25 +14,12 @@ import math
 import torch
 from torch import nn
 
+from .families import family_of
 from .patterns import compile_patterns
 
-# Adam betas / eps of each family's pretraining recipe, where it used Adam.
-#   BART (Lewis et al., 2020, §5) follows RoBERTa (Liu et al., 2019, §3.1, Table 9): betas (0.9, 0.98), eps 1e-6.
-#   BERT (Devlin et al., 2019, App. A.2; google-research/bert optimization.py): betas (0.9, 0.999), eps 1e-6.
-#   Marian (Transformer base, Vaswani et al., 2017, §5.3): betas (0.9, 0.98), eps 1e-9.
-#   T5 / Pegasus were pretrained with Adafactor; they get torch's AdamW defaults (0.9, 0.999), 1e-8.
-FAMILY_ADAM = {
-    "bart": ((0.9, 0.98), 1e-6),
-    "mbart": ((0.9, 0.98), 1e-6),
-    "bert": ((0.9, 0.999), 1e-6),
-    "encoder-decoder": ((0.9, 0.999), 1e-6),  # bert2bert
-    "marian": ((0.9, 0.98), 1e-9),
-}
-DEFAULT_ADAM = ((0.9, 0.999), 1e-8)
-
-
 def family_adam(model: nn.Module) -> tuple[tuple[float, float], float]:
-    return FAMILY_ADAM.get(getattr(getattr(model, "config", None), "model_type", ""), DEFAULT_ADAM)
+    """(betas, eps) of the model family's pretraining recipe (the table and its sources: finetune/families.py)."""
+    return family_of(model).adam
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay=(), lr_overrides=None, lr: float | None = None):

@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, from PyPI (a dependency on those versions)
     import tomli as tomllib
-from .methods import METHODS
+from .methods import METHODS, settings_of
 from .noise import NoiseConfig
 
 
@@ -50,6 +50,17 @@ class MethodSection:
     def __post_init__(self):
         if self.name not in METHODS:
             raise ValueError(f"[method] name = {self.name!r}: choose one of {', '.join(METHODS)}")
+        for key in self.settings():
+            if key not in settings_of(self.name):
+                raise ValueError(f"[method] {key}: method {self.name!r} has no such setting (its settings: "
+                                 f"{', '.join(settings_of(self.name)) or 'none'})")
+
+    def settings(self) -> dict:
+        """The method's settings that differ from their defaults (what the run file set)."""
+        defaults = MethodSection.__dataclass_fields__
+        return {k: getattr(self, k) for k in ("lora_targets", "lora_r", "lora_alpha", "lora_dropout",
+                                              "add_missing_biases", "int8_threshold")
+                if getattr(self, k) != defaults[k].default}
 
 
 @dataclass
@@ -125,3 +136,75 @@ def load_run_config(path: str, overrides=()) -> RunConfig:
              if name != "noise"}
     noise = _section(NoiseConfig, raw["noise"], f"{path} [noise]") if "noise" in raw else None
     return RunConfig(noise=noise, **built)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a run file to what the engine needs: the one path the `finetune` command and the examples share
+
+
+def tiny_models() -> dict[str, str]:
+    """'tiny-bart' -> 'tiny_bart': the families' tiny builders (finetune/families.py) by their run-file name."""
+    from .families import FAMILIES
+
+    return {f.tiny.replace("_", "-"): f.tiny for f in FAMILIES.values() if f.tiny}
+
+
+def build_model(section: ModelSection):
+    """(model, tokenizer, newly initialised parameter names) for a [model] section."""
+    from . import models
+
+    tiny = tiny_models()
+    if section.name in tiny:
+        print(f"model {section.name}: a small RANDOMLY INITIALISED model with a character tokenizer")
+        model, tokenizer = getattr(models, tiny[section.name])()
+        return model, tokenizer, []
+    if section.name == "minilm" or section.bert2bert:
+        built = models.bert2bert_by_name(section.name)
+        return built.model, built.tokenizer, built.new_parameters
+    model, tokenizer = models.load_seq2seq(section.name)
+    return model, tokenizer, []
+
+
+def load_data(spec: str | None, limit: int | None, seed: int, source_field: str, target_field: str):
+    """A [data] entry: a file path, or `codespell:SPLIT` (the bundled real data); `limit` takes the first n
+    (codespell: a seeded sample)."""
+    from .data import read_pairs
+
+    if spec is None:
+        return None
+    if spec.startswith("codespell:"):
+        from .datasets import codespell_pairs
+
+        return codespell_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
+    pairs = read_pairs(spec, source_field, target_field)
+    return pairs[:limit] if limit else pairs
+
+
+@dataclass
+class BuiltRun:
+    model: object
+    tokenizer: object
+    new_parameters: list[str]
+    config: TrainConfig
+    train: list
+    eval: list | None
+    noise: NoiseConfig | None
+
+
+def build_run(run: RunConfig) -> BuiltRun:
+    """The model with its method applied (and [method] freeze / unfreeze), the TrainConfig with the new tensors'
+    learning rate ([model] new_lr), and the data."""
+    from .freeze import freeze, unfreeze
+    from .methods import apply_method, new_tensor_lr
+
+    model, tokenizer, new = build_model(run.model)
+    apply_method(model, run.method.name, new, **run.method.settings())
+    if run.method.freeze:
+        freeze(model, run.method.freeze)
+    if run.method.unfreeze:
+        unfreeze(model, run.method.unfreeze)
+    cfg = run.train
+    cfg.lr_overrides = {**new_tensor_lr(new, run.model.new_lr), **cfg.lr_overrides}
+    train = load_data(run.data.train, run.data.train_limit, cfg.seed, cfg.source_field, cfg.target_field)
+    evaluation = load_data(run.data.eval, run.data.eval_limit, cfg.seed, cfg.source_field, cfg.target_field)
+    return BuiltRun(model, tokenizer, new, cfg, train, evaluation, run.noise)

@@ -46,17 +46,13 @@ def test_interrupt_and_resume_is_bit_exact(tmp_path):
 
     model_b, tok = fresh()
     engine = Engine(model_b, tok, cfg(tmp_path / "b"))
-    original = engine._step
 
-    def step_then_interrupt(*a, **k):
-        stats = original(*a, **k)
+    def interrupt_at_step_7(engine, stats):
         if engine.global_step == 7:  # mid-epoch 2, not at a save_every step
             os.kill(os.getpid(), signal.SIGTERM)
-        return stats
 
-    engine._step = step_then_interrupt
     with pytest.raises(SystemExit) as stopped:
-        engine.fit(DATA)
+        engine.fit(DATA, on_step=interrupt_at_step_7)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert list_checkpoints(tmp_path / "b" / "checkpoints") == ["step-00000003", "step-00000006", "step-00000007"]
 
@@ -174,12 +170,7 @@ SCRIPT = textwrap.dedent("""
     cfg = TrainConfig(lr=3e-3, batch_size=4, epochs=400, log_every=1, save_every={save_every}, keep_last=3,
                       progress=False, save_model=False, output_dir={out!r})
     engine = Engine(model, tok, cfg)
-    original = engine._step
-    def slow_step(*a, **k):
-        time.sleep(0.02)
-        return original(*a, **k)
-    engine._step = slow_step
-    engine.fit(SPELLING * 4, resume={resume!r})
+    engine.fit(SPELLING * 4, resume={resume!r}, on_step=lambda engine, stats: time.sleep(0.02))
     print("finished")
 """)
 

@@ -16,7 +16,7 @@ def config(tmp_path, **kw):
 
 
 def gradients_of_one_step(engine, windows):
-    """Run Engine._step on each window with an optimizer that only records the gradients it is given."""
+    """Run Engine.train_step on each window with an optimizer that only records the gradients it is given."""
     params = [p for p in engine.model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -28,7 +28,8 @@ def gradients_of_one_step(engine, windows):
         return original(*a, **k)
 
     optimizer.step = record
-    losses = [engine._step(w, optimizer, scheduler)["loss"] for w in windows]
+    engine.optimizer, engine.scheduler = optimizer, scheduler
+    losses = [engine.train_step(w)["loss"] for w in windows]
     return seen, losses
 
 
@@ -81,7 +82,7 @@ def test_checkpointing_gives_same_loss_and_gradients(tmp_path, family):
     freeze(model2, [r"embed|shared|word_embeddings"])  # frozen embeddings: block inputs need no grad
     model.load_state_dict(model2.state_dict())
     checkpointed = Engine(model2, tok2, config(tmp_path, max_grad_norm=None, grad_checkpointing=True))
-    checkpointed._enable_checkpointing()
+    checkpointed.enable_checkpointing()
     checkpointed.model.train()
     (got,), (loss2,) = gradients_of_one_step(checkpointed, [window])
     assert loss2 == pytest.approx(loss, abs=1e-6)
@@ -138,21 +139,20 @@ def test_all_zero_gradients_are_refused(tmp_path):
 def test_nonfinite_loss_skips_then_stops(tmp_path):
     model, tok = tiny_bart()
     engine = Engine(model, tok, config(tmp_path, max_nonfinite_steps=2))
-    engine._checked_gradients = True
     window = batches(engine, SPELLING, 6)
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")  # shared embedding: every logit becomes NaN
     before = {n: p.clone() for n, p in model.named_parameters()}
     params = [p for p in model.parameters()]
-    opt = torch.optim.AdamW(params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    engine.optimizer = torch.optim.AdamW(params)
+    engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda s: 1.0)
     with pytest.warns(UserWarning, match="step 0: non-finite"):
-        stats = engine._step(window, opt, sched)
+        stats = engine.train_step(window)
     assert stats["skipped"]
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) or torch.isnan(p).any()
     with pytest.warns(UserWarning), pytest.raises(TrainingStopped, match="2 non-finite steps in a row"):
-        engine._step(window, opt, sched)
+        engine.train_step(window)
 
 
 def test_special_token_disagreement_is_refused(tmp_path):

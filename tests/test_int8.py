@@ -7,7 +7,8 @@ import torch
 from conftest import SPELLING
 from finetune import Engine, TrainConfig
 from finetune.int8 import Int8Linear, prepare_int8_training, quantize_int8
-from finetune.lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from finetune.adapters import load_adapter, save_adapter
+from finetune.lora import apply_lora, lora_layers, merge_lora
 from finetune.methods import apply_method
 from finetune.models import tiny_bart
 
@@ -77,7 +78,7 @@ def test_int8_lora_trains_only_adapters(tmp_path, checkpointing):
     cfg = TrainConfig(lr=1e-2, progress=False, output_dir=str(tmp_path), grad_checkpointing=checkpointing)
     engine = Engine(model, tok, cfg)
     if checkpointing:
-        engine._enable_checkpointing()
+        engine.enable_checkpointing()
     history = engine.overfit_batch(SPELLING, steps=40)
     assert history[-1]["loss"] < history[0]["loss"] * 0.8
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

@@ -4,7 +4,8 @@ import torch
 
 from conftest import SPELLING, build
 from finetune import Engine, TrainConfig
-from finetune.lora import LoRALinear, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from finetune.adapters import load_adapter, save_adapter
+from finetune.lora import LoRALinear, apply_lora, lora_layers, merge_lora
 
 TARGETS = {"bart": ["q_proj", "v_proj"], "t5": ["q", "v"], "bert2bert": ["query", "value"]}
 
@@ -159,7 +160,7 @@ def test_optimizer_holds_state_only_for_trainable_tensors(tmp_path):
     model, tok = build("bart")
     apply_lora(model, r=4, alpha=8)
     engine = Engine(model, tok, TrainConfig(progress=False, output_dir=str(tmp_path)))
-    _, optimizer, _ = engine._build_optimizer(10, 0)
+    optimizer, _ = engine.build_optimizer(10, 0)
     held = [p for g in optimizer.param_groups for p in g["params"]]
     assert len(held) == sum(1 for _, p in model.named_parameters() if p.requires_grad)
     assert all(p.requires_grad for p in held)

@@ -101,7 +101,7 @@ def test_only_plain_linear_heads_are_fused():
     assert fusable_head(model) is None
 
 
-def test_engine_checks_the_fused_loss_once_and_falls_back_for_a_model_that_rescales_its_logits(tmp_path):
+def test_engine_checks_the_fused_loss_of_an_unknown_class_and_falls_back_when_it_rescales_its_logits(tmp_path):
     from finetune import Engine, TrainConfig
 
     model, tok = build("bart")
@@ -117,10 +117,10 @@ def test_engine_checks_the_fused_loss_once_and_falls_back_for_a_model_that_resca
     batch = batch_for(model, tok)
     engine = Engine(model, tok, TrainConfig(output_dir=str(tmp_path), progress=False))
     with pytest.warns(UserWarning, match="changes its logits after the output layer"):
-        loss, _ = engine._forward_loss(engine.model, batch)
+        loss, _ = engine.loss(engine.model, batch)
     ref, _ = token_loss(model(**{k: batch[k] for k in INPUTS}).logits, batch["labels"])
     torch.testing.assert_close(loss, ref)  # the plain loss on the model's own (rescaled) logits
-    assert engine._fused_ok is False
+    assert not engine.loss.fused and "changes its logits" in engine.loss.reason
     # an unmodified model passes the check without a warning and keeps the fused loss
     plain_model, tok = build("bart")
     engine = Engine(plain_model, tok, TrainConfig(output_dir=str(tmp_path), progress=False))
@@ -128,5 +128,5 @@ def test_engine_checks_the_fused_loss_once_and_falls_back_for_a_model_that_resca
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        engine._forward_loss(engine.model, batch_for(plain_model, tok))
-    assert engine._fused_ok is True
+        engine.loss(engine.model, batch_for(plain_model, tok))
+    assert engine.loss.fused

@@ -13,7 +13,8 @@ import torch
 
 from finetune import DataError, Engine, TrainConfig, TrainingStopped, apply_lora, read_pairs
 from finetune.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
-from finetune.lora import load_adapter, lora_layers, save_adapter
+from finetune.adapters import load_adapter, save_adapter
+from finetune.lora import lora_layers
 from finetune.methods import apply_method
 from finetune.models import ModelNotAvailable, load_seq2seq, tiny_bart, tiny_bert2bert, tiny_t5
 from finetune.outputs import OutputDirError, RunLock
@@ -259,7 +260,7 @@ def test_a_save_interrupted_between_two_renames_is_repaired(tmp_path, monkeypatc
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatch):
-    import finetune.engine as engine_module
+    import finetune.export as export
 
     model, tok = tiny_bart()
     engine = Engine(model, tok, cfg(tmp_path))
@@ -269,7 +270,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatc
     def dies(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine_module, "save_plain", dies)
+    monkeypatch.setattr(export, "save_plain", dies)
     with pytest.raises(OSError):
         engine.save(path)
     assert torch.equal(logits(load_seq2seq(path)[0], tok), before)

@@ -1,0 +1,89 @@
+"""Evaluation and generation with a trained engine: teacher-forced loss, generated text, and its metrics.
+
+`evaluate` runs over length-grouped batches under inference mode: for each, the teacher-forced loss (the
+engine's TrainingLoss), then generation (greedy or beam search), decoded and scored at once (exact match,
+accuracy by edit distance, ROUGE; finetune.metrics), so no logits are kept. Predictions go next to
+metrics.jsonl in the output folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .data import LengthGroupedBatches
+from .masks import IGNORE_INDEX
+from .metrics import GenerationMetrics
+from .models import check_length
+
+
+@torch.inference_mode()
+def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | None = None,
+             predictions_file: str | None = "eval_predictions.jsonl") -> dict:
+    """`data`: (pairs, examples) tokenised by the engine. Returns loss, exact_match, by_edit_distance, ROUGE."""
+    cfg, model = engine.config, engine.model
+    pairs, examples = data
+    check_generation(model, num_beams, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    sampler = LengthGroupedBatches([len(e.input_ids) for e in examples], cfg.eval_batch_size or cfg.batch_size,
+                                   shuffle=False)
+    metrics, predictions, loss_sum, tokens = GenerationMetrics(), [None] * len(pairs), 0.0, 0
+    for indices in sampler.batches(0):
+        batch = {k: v.to(engine.device) for k, v in engine.collate([examples[i] for i in indices]).items()}
+        loss_sum += float(engine.loss(model, batch)[0])
+        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        texts = generate_ids(engine, batch["input_ids"], batch["attention_mask"], num_beams, max_new_tokens)
+        for i, text in zip(indices, texts):
+            source, target = pairs[i]
+            predictions[i] = {"source": source, "target": target, "prediction": text,
+                              "correct": metrics.add(source, target, text)}
+    result = {"loss": loss_sum / max(1, tokens), **metrics.result(), "step": engine.global_step}
+    if predictions_file and engine.dist.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, predictions_file), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+        engine._append_metrics({"split": "eval", **result})
+    model.train(was_training)
+    return result
+
+
+@torch.inference_mode()
+def generate(engine, texts, num_beams: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+    """One output per input text (greedy when num_beams=1, beam search otherwise), in batches."""
+    cfg, model = engine.config, engine.model
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"generate: texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, expected a string")
+    check_generation(model, num_beams, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    size, outputs = cfg.eval_batch_size or cfg.batch_size, []
+    for i in range(0, len(texts), size):
+        enc = engine.tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=cfg.max_source_length,
+                               return_tensors="pt")
+        outputs += generate_ids(engine, enc["input_ids"].to(engine.device), enc["attention_mask"].to(engine.device),
+                                num_beams, max_new_tokens)
+    model.train(was_training)
+    return outputs
+
+
+def check_generation(model, num_beams, max_new_tokens) -> None:
+    for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+    if max_new_tokens is not None:
+        check_length(model, "max_new_tokens", max_new_tokens, "max_new_tokens")
+
+
+def generate_ids(engine, input_ids, attention_mask, num_beams=None, max_new_tokens=None) -> list[str]:
+    cfg, tokens = engine.config, engine.tokens
+    with engine.precision.autocast():
+        out = engine.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams or cfg.num_beams,
+            max_new_tokens=max_new_tokens or cfg.max_new_tokens, decoder_start_token_id=tokens.decoder_start,
+            eos_token_id=tokens.eos, pad_token_id=tokens.pad, do_sample=False,
+        )
+    return engine.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)

@@ -1,0 +1,150 @@
+"""What a run is made of once prepared (`TrainingRun`), and what it keeps so it can stop and go on: its
+checkpoints while it trains, its log, and the signals that stop it.
+
+`Checkpointer` writes the training state (finetune.checkpoint) at `save_every` steps, at the end, and when a
+signal or a failed evaluation stops the run. While steps are being skipped as non-finite it writes none, so
+pruning (`keep_last`) can never delete the last checkpoint written before a run started to diverge; `last`
+names the newest one written. Under torchrun every rank takes part in a save (RNG states, FSDP shards are
+gathered) and rank 0 writes.
+
+`StepLog`: every `log_every` steps one record (loss and token accuracy over the steps since the last record,
+learning rate, gradient norm, samples/s) to metrics.jsonl, the returned history and the progress bar.
+
+`StopOnSignal`: while active, SIGTERM and SIGINT only record the signal; the loop checks it after each step,
+saves a checkpoint and exits with status 128 + signal.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from . import distributed
+from .checkpoint import rng_state, save_checkpoint
+from .data import Example, LengthGroupedBatches
+
+
+class Tokenized(tuple):
+    """(pairs, examples) of one data set, read and tokenised once."""
+
+    def __new__(cls, pairs, examples):
+        return super().__new__(cls, (pairs, examples))
+
+
+@dataclass
+class TrainingRun:
+    """What `Engine.prepare` made: the data, the schedule of steps, where a resume starts, the checkpointer."""
+    examples: list[Example]
+    eval_set: Tokenized | None
+    sampler: LengthGroupedBatches
+    total_steps: int
+    epochs: int
+    start: tuple[int, int]  # (epoch, windows of it already consumed)
+    checkpointer: "Checkpointer"
+
+
+class Checkpointer:
+    def __init__(self, engine, optimizer, scheduler, data_hash: str, log):
+        self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
+        self.directory = os.path.join(engine.config.output_dir, "checkpoints")
+        self.data_hash = data_hash
+        self.log = log
+        self.last: str | None = None
+
+    def save(self, epoch: int, window: int) -> str | None:
+        """A checkpoint of the state after the current step; (epoch, window) is where a resume picks up."""
+        engine, dist = self.engine, self.engine.dist
+        rng = distributed.gather_objects(rng_state(), dist)  # every rank's generators
+        # FSDP: gather the full model and optimizer state to rank 0 (collectives: every rank takes part)
+        model_state = distributed.full_state_dict(engine.model) if engine.sharded else None
+        optimizer_state = distributed.full_optimizer_state(engine.model, self.optimizer) if engine.sharded else None
+        path = None
+        if dist.is_main:
+            progress = {"step": engine.global_step, "epoch": epoch, "window": window,
+                        "data_fingerprint": self.data_hash,
+                        "nonfinite_in_a_row": engine.nonfinite_in_a_row, "world_size": dist.world_size}
+            path = save_checkpoint(self.directory, engine.model, self.optimizer, self.scheduler,
+                                   engine.precision.scaler, progress, engine.config.to_dict(), engine.config.keep_last,
+                                   rng_states=rng, model_state=model_state, optimizer_state=optimizer_state)
+            self.last = path
+        distributed.barrier(dist)
+        return path
+
+    def periodic(self, epoch: int, window: int, final: bool = False) -> None:
+        """At `save_every` steps (and, with `final`, at the end when the last step was not one of them)."""
+        every, step = self.engine.config.save_every, self.engine.global_step
+        if not every or (step % every if not final else step % every == 0):
+            return
+        if self.engine.nonfinite_in_a_row:
+            self.log(f"step {step}: no checkpoint while steps are non-finite (last good: {self.last})")
+            return
+        self.save(epoch, window)
+
+
+class StopOnSignal:
+    """While active, SIGTERM and SIGINT only record the signal; `requested()` says which (the same on every rank)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, dist):
+        self.dist = dist
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def requested(self) -> int | None:
+        if not self.dist.enabled:
+            return self.signum
+        return distributed.broadcast_object(self.signum, self.dist)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+class StepLog:
+    """Every `log_every` steps: one record (loss and token accuracy over the steps since the last one, samples/s)
+    to metrics.jsonl, the history and the progress bar."""
+
+    def __init__(self, engine, total_steps: int):
+        from tqdm.auto import tqdm
+
+        self.engine, self.total, self.stats, self.started = engine, total_steps, [], time.perf_counter()
+        enabled = engine.config.progress and engine.dist.is_main
+        self.bar = tqdm(total=total_steps, initial=engine.global_step, disable=not enabled, desc="train",
+                        dynamic_ncols=True)
+
+    def step(self, stats: dict, epoch: int, history: dict) -> None:
+        self.stats.append(stats)
+        self.bar.update(1)
+        step = self.engine.global_step
+        if step % self.engine.config.log_every and step != self.total:
+            return
+        seconds, tokens = time.perf_counter() - self.started, sum(s["tokens"] for s in self.stats)
+        samples = sum(s["samples"] for s in self.stats)
+        record = {"split": "train", "step": step, "epoch": epoch,
+                  "loss": sum(s["loss"] * s["tokens"] for s in self.stats) / tokens,
+                  "token_accuracy": sum(s["token_accuracy"] * s["tokens"] for s in self.stats) / tokens,
+                  "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                  "skipped_steps": sum(s["skipped"] for s in self.stats),
+                  "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                  "samples_per_s_per_rank": samples / seconds / self.engine.dist.world_size}
+        history["train"].append(record)
+        self.engine._append_metrics(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             samples_s=f"{record['samples_per_s']:.1f}")
+        self.stats, self.started = [], time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
