@@ -40,6 +40,7 @@ def worker(args) -> dict:
     from finetune.models import bert2bert, minilm_path
 
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     built = bert2bert(minilm_path())
     model, tok, new = built.model, built.tokenizer, built.new_parameters
     pairs = codespell_pairs("train", limit=args.pairs, seed=0)
@@ -54,8 +55,10 @@ def worker(args) -> dict:
         engine = Engine(model, tok, cfg)
 
         def clock(engine, stats):
+            if device == "cuda":
+                torch.cuda.synchronize()
             if engine.global_step == 1:
-                reset_peak_memory("cpu")
+                reset_peak_memory(device)
             times.append(time.perf_counter())
 
         engine.fit(pairs, on_step=clock)
@@ -67,8 +70,10 @@ def worker(args) -> dict:
 
         class Clock(TrainerCallback):
             def on_step_end(self, a, state, control, **kw):
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 if state.global_step == 1:
-                    reset_peak_memory("cpu")
+                    reset_peak_memory(device)
                 times.append(time.perf_counter())
 
         def encode(batch_pairs):
@@ -81,21 +86,23 @@ def worker(args) -> dict:
         data = encode(pairs)
         new_params = {n for n in new}
         groups = _peer_groups(model, new_params, args)
-        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)  # HF's default optim: adamw_torch_fused
         targs = Seq2SeqTrainingArguments(
             output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
             learning_rate=args.lr, weight_decay=0.01, lr_scheduler_type="linear", warmup_ratio=0.05,
             logging_steps=10**6, save_strategy="no", report_to=[], bf16=args.precision == "bf16",
-            use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0)
+            use_cpu=device == "cpu", dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0)
         trainer = Seq2SeqTrainer(model=model, args=targs, train_dataset=data, optimizers=(optimizer, None),
                                  data_collator=DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100),
                                  callbacks=[Clock()])
         trainer.train()
     steps = len(times)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return {"engine": args.engine, "method": args.method, "precision": args.precision, "steps": steps,
             "pairs": len(pairs), "trainable": trainable,
             "samples_per_s": (steps - 1) * args.batch_size / (times[-1] - times[0]),
-            "peak_rss_mib": peak_memory_mib("cpu")}
+            "peak_rss_mib": peak_memory_mib(device)}
 
 
 def _peer_groups(model, new_params, args):

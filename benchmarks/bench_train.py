@@ -156,7 +156,7 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
 
     train_cfg = TrainConfig(lr=1e-4, batch_size=cfg["batch_size"], precision=cfg["precision"],
                             grad_checkpointing=cfg["checkpointing"], progress=False, device=device,
-                            fused_loss=cfg.get("fused_loss", True),
+                            fused_loss={"on": True, "off": False}.get(cfg.get("fused_loss", "auto")),
                             output_dir=tempfile.mkdtemp(), save_model=False)
     engine = Engine(model, tok, train_cfg)
     if cfg["checkpointing"]:
@@ -179,21 +179,17 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
     return time.perf_counter() - start
 
 
-def run_peer(cfg: dict, model, tok, examples, device: str):
-    """transformers' Seq2SeqTrainer (and PEFT for LoRA / int8 + LoRA) on the same batches and schedule."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
-
-    method = cfg["method"]
+def peer_model(model, method: str, new):
+    """The peer's model for a method: PEFT for LoRA (PEFT's int8 LoRA layer over the same bitsandbytes layers for
+    int8 + LoRA: transformers' own 8-bit loading is CUDA-only), our freezing for the others (the same tensors
+    train on both sides)."""
     if method in ("lora", "int8-lora"):
         import peft
 
         if method == "int8-lora":
             from finetune.int8 import prepare_int8_training, quantize_int8
 
-            # PEFT's own int8 path loads with BitsAndBytesConfig (CUDA only in transformers); the same
-            # bitsandbytes layers are put in place here, then PEFT wraps them.
-            quantize_int8(model, skip=[exact_names_pattern(cfg["new"])] if cfg["new"] else ())
+            quantize_int8(model, skip=[exact_names_pattern(new)] if new else ())
             prepare_int8_training(model)
             for name, module in list(model.named_modules()):  # PEFT wraps bitsandbytes' own layer
                 if getattr(type(module), "is_int8_linear", False):
@@ -203,13 +199,22 @@ def run_peer(cfg: dict, model, tok, examples, device: str):
         target = PEER_LORA_TARGETS[model.config.model_type]
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                            target_modules=target, task_type="SEQ_2_SEQ_LM"))
-        if cfg["new"]:  # the newly initialised tensors train in full, as in ours
-            new = re.compile(exact_names_pattern(cfg["new"]).lstrip("^"))
+        if new:  # the newly initialised tensors train in full, as in ours
+            pattern = re.compile(exact_names_pattern(new).lstrip("^"))
             for name, param in model.named_parameters():
-                if new.search(name.removeprefix("base_model.model.")):
+                if pattern.search(name.removeprefix("base_model.model.")):
                     param.requires_grad_(True)
     elif method != "full":
-        apply(model, method, cfg["new"])
+        apply(model, method, new)
+    return model
+
+
+def run_peer(cfg: dict, model, tok, examples, device: str):
+    """transformers' Seq2SeqTrainer (and PEFT for LoRA / int8 + LoRA) on the same batches and schedule."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    model = peer_model(model, cfg["method"], cfg["new"])
     times = []
 
     class Clock(TrainerCallback):
@@ -399,8 +404,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None)
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="also run HF Seq2SeqTrainer (+ PEFT) on the same configuration")
-    ap.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
-                    help="ours: output layer + cross-entropy fused in blocks (TrainConfig.fused_loss)")
+    ap.add_argument("--fused-loss", choices=("on", "off", "auto"), default="auto",
+                    help="ours: output layer + cross-entropy fused in blocks (TrainConfig.fused_loss; auto: by size)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--src-len", type=int, default=32)
     ap.add_argument("--tgt-len", type=int, default=16)
@@ -437,7 +442,7 @@ def main(argv=None) -> int:
         json.dump({"machine": info, "command": " ".join(sys.argv), "results": results}, f, indent=1)
     table = (f"Batch {args.batch_size}, {args.src_len} source / {args.tgt_len} target tokens, {args.warmup} warm-up + "
              f"{args.steps} timed steps, median of {args.repeats} round(s), fused loss "
-             f"{'on' if args.fused_loss else 'off'} (ours).\n" + markdown(results, info))
+             f"{args.fused_loss} (ours).\n" + markdown(results, info))
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     chart(results, os.path.join(args.out, "results.png"))

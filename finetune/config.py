@@ -38,9 +38,10 @@ class TrainConfig:
     source_field: str = "source"
     target_field: str = "target"
     # numerics and memory
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 where the hardware has bf16 units (CUDA, CPU with AMX/AVX-512-BF16), else fp32
     grad_checkpointing: bool = False
-    fused_loss: bool = True  # output layer + cross-entropy in blocks: no (tokens x vocabulary) logits in memory
+    fused_loss: bool | None = None  # output layer + cross-entropy in blocks, no (tokens x vocabulary) logits in
+    # memory; None: for micro-batches whose logits would be large (finetune/loss.py), the plain loss below
     device: str | None = None  # None: cuda when available, else cpu
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)
     dist_timeout_s: int = 1800  # under torchrun: a collective waiting longer than this fails instead of hanging

@@ -48,7 +48,7 @@ def make(method: str, dropout: float = 0.0):
 
 
 def config(out, batch_size, **kw):
-    return TrainConfig(**{**dict(lr=3e-3, batch_size=batch_size, epochs=2, grad_accum=2, log_every=1,
+    return TrainConfig(**{**dict(lr=3e-3, batch_size=batch_size, epochs=2, grad_accum=2, log_every=1, precision="fp32",
                                  dist_timeout_s=120, progress=False, save_model=False, output_dir=str(out)), **kw})
 
 

@@ -23,7 +23,7 @@ from finetune.models import tiny_bart, tiny_bert2bert, tiny_t5
 RECORD = os.path.join(os.path.dirname(__file__), "golden_runs.json")
 DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(20)] + [("recieve", "receive"), ("adress", "address")]
 CASES = {
-    "bart-full-fused": (tiny_bart, "full", {}),
+    "bart-full-fused": (tiny_bart, "full", {"fused_loss": True}),
     "bart-lora-plain": (tiny_bart, "lora", {"fused_loss": False}),
     "t5-full-accum": (tiny_t5, "full", {"grad_accum": 2, "label_smoothing": 0.1}),
     "bert2bert-bitfit": (tiny_bert2bert, "bitfit", {}),

@@ -115,7 +115,7 @@ def test_engine_checks_the_fused_loss_of_an_unknown_class_and_falls_back_when_it
     model.__class__ = Rescaled
     model.eval()
     batch = batch_for(model, tok)
-    engine = Engine(model, tok, TrainConfig(output_dir=str(tmp_path), progress=False))
+    engine = Engine(model, tok, TrainConfig(output_dir=str(tmp_path), progress=False, fused_loss=True))
     with pytest.warns(UserWarning, match="changes its logits after the output layer"):
         loss, _ = engine.loss(engine.model, batch)
     ref, _ = token_loss(model(**{k: batch[k] for k in INPUTS}).logits, batch["labels"])
@@ -123,7 +123,7 @@ def test_engine_checks_the_fused_loss_of_an_unknown_class_and_falls_back_when_it
     assert not engine.loss.fused and "changes its logits" in engine.loss.reason
     # an unmodified model passes the check without a warning and keeps the fused loss
     plain_model, tok = build("bart")
-    engine = Engine(plain_model, tok, TrainConfig(output_dir=str(tmp_path), progress=False))
+    engine = Engine(plain_model, tok, TrainConfig(output_dir=str(tmp_path), progress=False, fused_loss=True))
     import warnings
 
     with warnings.catch_warnings():
