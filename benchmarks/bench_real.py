@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -51,7 +52,8 @@ def worker(args) -> dict:
         cfg = TrainConfig(lr=args.lr, lr_overrides=new_tensor_lr(new, args.new_lr), weight_decay=0.01,
                           warmup_ratio=0.05, epochs=1, batch_size=args.batch_size, precision=args.precision,
                           max_source_length=32, max_target_length=32, progress=False, save_model=False,
-                          output_dir=tempfile.mkdtemp(), seed=0)
+                          output_dir=tempfile.mkdtemp(), seed=0,
+                          fused_loss={"on": True, "off": False, "auto": None}[args.fused_loss])
         engine = Engine(model, tok, cfg)
 
         def clock(engine, stats):
@@ -89,7 +91,8 @@ def worker(args) -> dict:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)  # HF's default optim: adamw_torch_fused
         targs = Seq2SeqTrainingArguments(
             output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
-            learning_rate=args.lr, weight_decay=0.01, lr_scheduler_type="linear", warmup_ratio=0.05,
+            learning_rate=args.lr, weight_decay=0.01, lr_scheduler_type="linear",
+            warmup_steps=math.ceil(0.05 * math.ceil(len(data) / args.batch_size)),  # our warmup_ratio=0.05
             logging_steps=10**6, save_strategy="no", report_to=[], bf16=args.precision == "bf16",
             use_cpu=device == "cpu", dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0)
         trainer = Seq2SeqTrainer(model=model, args=targs, train_dataset=data, optimizers=(optimizer, None),
@@ -138,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--new-lr", type=float, default=1e-3)
+    ap.add_argument("--fused-loss", choices=("on", "off", "auto"), default="auto",
+                    help="ours: TrainConfig.fused_loss (auto: by the logits' size)")
     ap.add_argument("--engines", nargs="+", choices=("ours", "peer"), default=["ours", "peer"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=1200)
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
             for engine in order:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--engine", engine, "--method", method,
                        "--precision", args.precision, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
-                       "--lr", str(args.lr), "--new-lr", str(args.new_lr)]
+                       "--lr", str(args.lr), "--new-lr", str(args.new_lr), "--fused-loss", args.fused_loss]
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 if done.returncode:
                     print(done.stderr[-3000:], file=sys.stderr)

@@ -31,10 +31,12 @@ from .masks import IGNORE_INDEX
 
 ROW_BLOCK_ELEMENTS = 1 << 23  # logits elements per block (32 MiB in float32): bounds the loss's extra memory
 # fused_loss=None (the default) fuses a micro-batch whose logits would hold more elements than this (target tokens
-# x vocabulary; 128 MiB in float32): below it the plain loss is as fast or faster (MiniLM on codespell: 17M
-# elements, 240 vs 224 samples/s in bf16, 119 vs 125 in fp32; benchmarks/profile_real.py) and its memory small;
-# above it the fused loss saves the logits' memory and time (bart-base-sized, 64 target tokens: 1.2x faster).
-FUSE_ABOVE_ELEMENTS = 1 << 25
+# x vocabulary; 16 MiB in float32) and uses the plain loss below it, where the logits are small. Measured on the
+# real job (MiniLM on codespell, ~576 target tokens x 30,522 = 17.6M elements a batch, fp32, one round of
+# benchmarks/bench_real.py): fused full fine-tuning 118.9 samples/s at 1525 MiB peak against 121.9 at 1602 MiB
+# plain; LoRA 191.3 at 1143 MiB against 172.7 at 1256 MiB. (In bf16 the plain loss was 7% faster for full
+# fine-tuning, 240 vs 224 samples/s in benchmarks/profile_real.py, but holds the logits; memory decides.)
+FUSE_ABOVE_ELEMENTS = 1 << 22
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
