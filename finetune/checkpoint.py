@@ -39,7 +39,8 @@ FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state
 # Config fields that must match for an exact resume (the rest, e.g. output_dir or log_every, may change).
 RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "group_by_length", "max_source_length", "max_target_length",
                      "lr", "weight_decay", "betas", "eps", "no_decay", "lr_overrides", "schedule", "warmup_ratio",
-                     "warmup_steps", "epochs", "max_steps", "label_smoothing", "precision", "max_grad_norm")
+                     "warmup_steps", "epochs", "max_steps", "label_smoothing", "precision", "max_grad_norm",
+                     "best_metric", "eval_every", "eval_max_samples", "eval_num_beams", "early_stopping_threshold")
 
 
 class CheckpointError(RuntimeError):
@@ -135,7 +136,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progress: dict, config: dict,
                     keep_last: int = 2, rng_states: list | None = None, model_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> str:
+                    optimizer_state: dict | None = None, protect=()) -> str:
     """Write one checkpoint atomically under `directory` and point `latest` at it; prune to `keep_last`.
 
     `rng_states` holds every rank's `rng_state()` (rank order); by default this process's alone. Under FSDP,
@@ -177,7 +178,9 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progres
     os.replace(pointer_tmp, os.path.join(directory, LATEST))
     # keep the newest `keep_last` up to this one; never touch a newer one (left by a run resumed from an
     # older checkpoint: it is the user's, not ours to delete)
-    older = [n for n in list_checkpoints(directory) if n <= name]
+    # `protect`: checkpoints pruning never deletes (the best evaluation's)
+    protected = {os.path.basename(os.path.normpath(p)) for p in protect if p}
+    older = [n for n in list_checkpoints(directory) if n <= name and n not in protected]
     for old in older[:-keep_last]:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
     return final
@@ -328,6 +331,20 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
     npy = state["rng"][rank]["numpy"]
     np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
     return state
+
+
+def load_model_tensors(path: str, model) -> None:
+    """Put a verified checkpoint's model tensors into `model` (all of them, or the trainable ones a sparse
+    checkpoint holds: the frozen rest is unchanged since)."""
+    verify(path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    own = model.state_dict()
+    missing = [k for k in tensors if k not in own]
+    if missing:
+        raise CheckpointError(f"{path}: tensors {missing[:3]} have no place in this model")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)
 
 
 def _normalise(value):

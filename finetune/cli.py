@@ -3,6 +3,7 @@
     finetune train CONFIG.toml [--set section.key=value ...] [--resume latest|PATH]
     finetune eval --model DIR --data FILE [--num-beams N]
     finetune generate --model DIR "text" ... [--num-beams N]
+    finetune check CONFIG.toml [--set ...] [--steps N]   the recipe's preflight: PASS / WARN / FAIL, exit 1 on FAIL
     finetune report DIR            trainable report, metrics summary, loss / learning-rate plot (DIR/report.png)
 """
 from __future__ import annotations
@@ -42,6 +43,16 @@ def cmd_train(args) -> int:
     if history["eval"]:
         print(json.dumps(history["eval"][-1], indent=1))
     return 0
+
+
+def cmd_check(args) -> int:
+    from .preflight import check_setup
+    from .run_config import build_run, load_run_config
+
+    built = build_run(load_run_config(args.config, args.set))
+    report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps)
+    print(report)
+    return 1 if report.failed else 0
 
 
 def _plain(section):
@@ -92,7 +103,10 @@ def cmd_report(args) -> int:
             except json.JSONDecodeError:
                 raise DataError(f"{path}:{line_no}: invalid JSON") from None
     train = [r for r in rows if r.get("split") == "train"]
-    evals = [r for r in rows if r.get("split") == "eval"]
+    evals = [r for r in rows if r.get("split") == "eval" and not r.get("final")]
+    finals = [r for r in rows if r.get("split") == "eval" and r.get("final")]
+    best = next((r for r in reversed(rows) if r.get("event") == "best_model"), None)
+    stopped = next((r for r in reversed(rows) if r.get("event") == "early_stopping"), None)
     trainable = os.path.join(args.dir, "trainable.txt")
     if os.path.exists(trainable):
         print(open(trainable, encoding="utf-8").read().rstrip())
@@ -100,20 +114,27 @@ def cmd_report(args) -> int:
         print(f"train: {len(train)} records, steps {train[0]['step']}..{train[-1]['step']}, loss "
               f"{train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}, token accuracy {train[-1]['token_accuracy']:.3f}, "
               f"{sum(r['samples_per_s'] for r in train) / len(train):.1f} samples/s")
-    if evals:
-        last = evals[-1]
-        print(f"eval (step {last.get('step')}): loss {last['loss']:.4f}, exact match {last['exact_match']:.3f}, "
-              f"ROUGE-L {last.get('rougeL', 0):.3f}")
+    for last, what in ((evals[-1] if evals else None, "eval"), (finals[-1] if finals else None, "final eval")):
+        if last is None:
+            continue
+        print(f"{what} (step {last.get('step')}, {last.get('num_beams', '?')} beams, {last.get('n', '?')} pairs): loss "
+              f"{last['loss']:.4f}, exact match {last['exact_match']:.3f}, ROUGE-L {last.get('rougeL', 0):.3f}, "
+              f"BLEU {last.get('bleu', 0):.2f}, chrF {last.get('chrf', 0):.2f}")
         for b, v in last.get("by_edit_distance", {}).items():
             print(f"  edit distance {b:>3}: {v['exact_match']:.3f} ({v['n']} pairs)")
+    if best:
+        print(f"best model: step {best['step']} ({best['path']}); model/ holds it, the last weights are in "
+              f"{best.get('last_checkpoint')}")
+    if stopped:
+        print(stopped["reason"])
     if train:
         png = args.png or os.path.join(args.dir, "report.png")
-        plot_history(train, evals, png)
+        plot_history(train, evals, png, best["step"] if best else None)
         print(f"plot: {png}")
     return 0
 
 
-def plot_history(train, evals, png: str) -> None:
+def plot_history(train, evals, png: str, best_step: int | None = None) -> None:
     try:
         import matplotlib
 
@@ -121,11 +142,21 @@ def plot_history(train, evals, png: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ModelNotAvailable("the plot needs matplotlib: pip install -e '.[examples]'") from err
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, axes = plt.subplots(3 if evals else 2, 1, figsize=(7, 8 if evals else 6), sharex=True)
+    ax_loss, ax_lr = axes[0], axes[-1]
     steps = [r["step"] for r in train]
     ax_loss.plot(steps, [r["loss"] for r in train], label="train loss")
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
+        ax_metric = axes[1]
+        for key in ("exact_match", "rougeL", "chrf"):
+            if any(key in r for r in evals):
+                ax_metric.plot([r["step"] for r in evals], [r.get(key, 0) for r in evals], "o-", label=f"eval {key}")
+        ax_metric.set_ylabel("eval metric")
+        ax_metric.legend()
+    for ax in axes:
+        if best_step is not None:
+            ax.axvline(best_step, color="tab:green", linestyle="--", label="best" if ax is ax_loss else None)
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_lr.plot(steps, [r["lr"] for r in train], color="tab:orange")
@@ -144,6 +175,11 @@ def main(argv=None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     t.set_defaults(func=cmd_train)
+    c = sub.add_parser("check", help="preflight of a run file: tokens, one batch, groups, gradients, overfit one batch")
+    c.add_argument("config")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("--steps", type=_positive, default=200, help="overfitting steps (default 200)")
+    c.set_defaults(func=cmd_check)
     for name, func in (("eval", cmd_eval), ("generate", cmd_generate)):
         p = sub.add_parser(name, help=f"{name} with a saved model folder")
         p.add_argument("--model", required=True)

@@ -50,6 +50,12 @@ class TrainConfig:
     num_beams: int = 1
     max_new_tokens: int = 64
     eval_every: int | None = None  # optimizer steps; None: at the end of each epoch
+    eval_max_samples: int | None = None  # evaluations during training use a fixed seeded subset of this size
+    eval_num_beams: int = 1  # beams of the evaluations during training (greedy); the final one uses num_beams
+    best_metric: str | None = None  # keep the best evaluation's weights (loss: lower is better; the rest higher)
+    early_stopping_patience: int | None = None  # evaluations without improvement before the run ends
+    early_stopping_threshold: float = 0.0  # an improvement must exceed this to count
+    report_to: list[str] = field(default_factory=list)  # "tensorboard": scalars in OUTPUT_DIR/tensorboard
     # bookkeeping
     seed: int = 0
     output_dir: str = "runs/finetune"
@@ -97,6 +103,18 @@ class TrainConfig:
         need(self.num_beams >= 1, "num_beams", "must be >= 1")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         need(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or None")
+        need(self.eval_max_samples is None or self.eval_max_samples >= 1, "eval_max_samples", "must be >= 1 or None")
+        need(self.eval_num_beams >= 1, "eval_num_beams", "must be >= 1")
+        from .metrics import METRIC_DIRECTIONS
+
+        need(self.best_metric is None or self.best_metric in METRIC_DIRECTIONS, "best_metric",
+             f"must be one of {', '.join(METRIC_DIRECTIONS)} (or None)")
+        need(self.early_stopping_patience is None or self.early_stopping_patience >= 1, "early_stopping_patience",
+             "must be >= 1 or None")
+        need(self.early_stopping_patience is None or self.best_metric is not None, "early_stopping_patience",
+             "needs best_metric (the metric that must improve)")
+        need(self.early_stopping_threshold >= 0, "early_stopping_threshold", "must be >= 0")
+        need(all(r in ("tensorboard",) for r in self.report_to), "report_to", "known trackers: 'tensorboard'")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.save_every is None or self.save_every >= 1, "save_every", "must be >= 1 or None")
         need(self.keep_last >= 1, "keep_last", "must be >= 1")

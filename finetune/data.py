@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,9 @@ Pair = tuple[str, str]
 
 
 def read_pairs(data, source_field: str = "source", target_field: str = "target") -> list[Pair]:
-    """(source, target) pairs from a .jsonl/.tsv/.csv path or a sequence of pairs."""
+    """(source, target) pairs from a .jsonl/.json/.tsv/.csv path, a sequence of pairs, or a sequence of mappings
+    with `source_field` / `target_field` (an HF `datasets.Dataset` is one: `datasets` need not be installed for
+    anything else)."""
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
         if not path:
@@ -53,9 +56,12 @@ def read_pairs(data, source_field: str = "source", target_field: str = "target")
             raise DataError(f"{path}: no pairs in the file")
         return pairs
     if isinstance(data, (bytes, dict)) or not hasattr(data, "__iter__"):
-        raise DataError(f"data: expected a file path or a list of (source, target) pairs, got {type(data).__name__}")
+        raise DataError(f"data: expected a file path, a list of (source, target) pairs or of mappings, or a "
+                        f"datasets.Dataset; got {type(data).__name__}")
     pairs = []
     for i, item in enumerate(data):
+        if isinstance(item, Mapping):  # a row of an HF datasets.Dataset, or a dict
+            item = _mapping_pair(f"data[{i}]", item, source_field, target_field)
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
             raise DataError(f"pairs[{i}]: expected a (source, target) pair of strings, got {item!r:.200}")
         if not item[0].strip() or not item[1].strip():
@@ -84,13 +90,24 @@ def read_text(path: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _check_row(path: str, line: int, source, target) -> Pair:
+def _check_row(where: str, source, target) -> Pair:
     for name, value in (("source", source), ("target", target)):
         if not isinstance(value, str):
-            raise DataError(f"{path}:{line}: {name} must be a string, got {type(value).__name__}")
+            raise DataError(f"{where}: {name} must be a string, got {type(value).__name__}")
         if not value.strip():
-            raise DataError(f"{path}:{line}: empty {name}")
+            raise DataError(f"{where}: empty {name}")
     return source, target
+
+
+def _mapping_pair(where: str, row, source_field: str, target_field: str) -> Pair:
+    """(source, target) from a JSON object / dict / dataset row, naming `where` when it does not hold them."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in (source_field, target_field) if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing} (have {sorted(row)}); set source_field/target_field "
+                        "to the names your data uses")
+    return _check_row(where, row[source_field], row[target_field])
 
 
 def _read_jsonl(path: str, text: str, source_field: str, target_field: str) -> list[Pair]:
@@ -102,13 +119,7 @@ def _read_jsonl(path: str, text: str, source_field: str, target_field: str) -> l
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in (source_field, target_field) if k not in row]
-        if missing:
-            raise DataError(f"{path}:{line_no}: missing field(s) {missing} (have {sorted(row)}); "
-                            "set source_field/target_field to the names your file uses")
-        pairs.append(_check_row(path, line_no, row[source_field], row[target_field]))
+        pairs.append(_mapping_pair(f"{path}:{line_no}", row, source_field, target_field))
     return pairs
 
 
@@ -120,19 +131,7 @@ def _read_json_array(path: str, text: str, source_field: str, target_field: str)
         raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of objects or one object per line (JSONL)")
-    pairs = []
-    for i, row in enumerate(rows):
-        where = f"{path}: item [{i}]"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in (source_field, target_field) if k not in row]
-        if missing:
-            raise DataError(f"{where}: missing field(s) {missing} (have {sorted(row)}); set source_field/target_field")
-        for name, value in (("source", row[source_field]), ("target", row[target_field])):
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{where}: {name} must be a non-empty string, got {value!r:.80}")
-        pairs.append((row[source_field], row[target_field]))
-    return pairs
+    return [_mapping_pair(f"{path}: item [{i}]", row, source_field, target_field) for i, row in enumerate(rows)]
 
 
 def _is_header(row: list[str], pairs: list, source_field: str, target_field: str) -> bool:
@@ -152,7 +151,7 @@ def _read_tsv(path: str, text: str, source_field: str, target_field: str) -> lis
                             "separated by tabs)")
         if _is_header(row, pairs, source_field, target_field):
             continue
-        pairs.append(_check_row(path, line_no, row[0], row[1]))
+        pairs.append(_check_row(f"{path}:{line_no}", row[0], row[1]))
     return pairs
 
 
@@ -169,7 +168,7 @@ def _read_csv(path: str, text: str, source_field: str, target_field: str) -> lis
                 raise DataError(f"{path}:{line_no}: expected 2 columns (source, target), got {len(row)}")
             if _is_header(row, pairs, source_field, target_field):
                 continue
-            pairs.append(_check_row(path, line_no, row[0], row[1]))
+            pairs.append(_check_row(f"{path}:{line_no}", row[0], row[1]))
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     return pairs

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import distributed, evaluation
-from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint
+from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, load_model_tensors
 from .config import TrainConfig
 from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
 from .export import save_adapter_folder, save_model_folder
@@ -39,7 +39,7 @@ from .noise import NoiseConfig, add_noise
 from .optim import build_adamw, build_scheduler, describe_groups, param_groups
 from .outputs import RunLock, claim_for_fresh_run
 from .precision import Precision
-from .runstate import Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun
+from .runstate import Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun
 
 
 def set_seed(seed: int) -> None:
@@ -100,7 +100,10 @@ class Engine:
         set_seed(cfg.seed)
         resume_path = find_checkpoint(os.path.join(cfg.output_dir, "checkpoints"), resume) if resume else None
         _, examples = self._tokenized(train, "train")
-        eval_set = self._tokenized(eval, "eval") if eval is not None else None
+        eval_full = self._tokenized(eval, "eval") if eval is not None else None
+        eval_set = _subset(eval_full, cfg.eval_max_samples, cfg.seed)
+        if cfg.best_metric and eval is None:
+            raise ValueError(f"TrainConfig.best_metric={cfg.best_metric!r} needs evaluation data: fit(train, eval=...)")
         # global micro-batches of batch_size x world; rank r takes every world-th example of each
         sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size * world,
                                        cfg.seed, cfg.group_by_length)
@@ -123,8 +126,12 @@ class Engine:
         self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, batch "
                   f"{cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), {self.precision}, "
                   f"{self.loss.reason}, device {self.device}")
+        if cfg.best_metric and self.sharded:
+            raise ValueError("TrainConfig.best_metric is not supported with fsdp=True yet (the best weights would have "
+                             "to be gathered); keep the checkpoints (save_every) and pick one instead")
         data_hash = data_fingerprint(examples)
-        checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self._log)
+        best = Best(cfg.best_metric, cfg.early_stopping_patience, cfg.early_stopping_threshold)
+        checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self._log, best)
         self.global_step, self.nonfinite_in_a_row, start = 0, 0, (0, 0)
         if resume_path:
             state = load_checkpoint(resume_path, self.model, self.optimizer, self.scheduler, self.precision.scaler,
@@ -132,10 +139,11 @@ class Engine:
             self.global_step, start = state["step"], (state["epoch"], state["window"])
             self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
             self._checked_gradients = True
-            checkpointer.last = resume_path
+            best.load(state.get("best"))
+            checkpointer.last, checkpointer.last_step = resume_path, self.global_step
             if self.dist.is_main:
                 print(f"resumed from {resume_path} at step {self.global_step}", flush=True)
-        return TrainingRun(examples, eval_set, sampler, total_steps, epochs, start, checkpointer)
+        return TrainingRun(examples, eval_set, eval_full, sampler, total_steps, epochs, start, checkpointer, best)
 
     def build_optimizer(self, total_steps: int, warmup_steps: int, lr: float | None = None,
                         schedule: str | None = None, weight_decay: float | None = None):
@@ -238,8 +246,8 @@ class Engine:
     def _loop(self, run: TrainingRun, on_step) -> dict:
         cfg, history, saver = self.config, {"train": [], "eval": []}, run.checkpointer
         log = StepLog(self, run.total_steps)
-        position = run.start  # (epoch, windows of it consumed): where a resume would pick up
-        with StopOnSignal(self.dist) as stop:
+        position, stop = run.start, False  # (epoch, windows of it consumed): where a resume would pick up
+        with StopOnSignal(self.dist) as signals:
             for epoch in range(run.start[0], run.epochs):
                 for index, window in self.windows(run, epoch):
                     try:
@@ -252,7 +260,7 @@ class Engine:
                     log.step(stats, epoch, history)
                     if on_step is not None:
                         on_step(self, stats)
-                    signum = stop.requested()
+                    signum = signals.requested()
                     if signum is not None:
                         path = saver.save(*position)
                         log.close()
@@ -260,35 +268,82 @@ class Engine:
                             print(f"\nstopped by signal {signum} after step {self.global_step}; checkpoint: {path}\n"
                                   "resume with engine.fit(..., resume='latest')", flush=True)
                         raise SystemExit(128 + signum)
-                    saver.periodic(*position)
                     if run.eval_set is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
-                        self._evaluate_during_fit(run, history, position)
-                if run.eval_set is not None and not cfg.eval_every:
-                    self._evaluate_during_fit(run, history, position)
+                        stop = self._evaluate_during_fit(run, history, position, log)
+                    saver.periodic(*position)  # after the evaluation: the checkpoint holds its bookkeeping
+                    if stop:
+                        break
+                if run.eval_set is not None and not cfg.eval_every and not stop:
+                    stop = self._evaluate_during_fit(run, history, position, log)
+                if stop:
+                    break
         log.close()
         saver.periodic(*position, final=True)
+        self._finish(run, history, position, log)
+        return history
+
+    def _evaluate_during_fit(self, run: TrainingRun, history: dict, position, log) -> bool:
+        """Rank 0 evaluates (greedy by default, on the evaluation subset) while the others wait; every rank then
+        updates the best-so-far alike, and the best evaluation's weights are kept as a checkpoint pruning never
+        deletes. An evaluation that fails first saves the training, then stops the run saying where it is.
+        Returns True when early stopping ends the run."""
+        cfg, saver, result = self.config, run.checkpointer, None
+        if self.dist.is_main:
+            try:
+                result = self.evaluate(run.eval_set, num_beams=cfg.eval_num_beams)
+            except Exception as err:
+                saved = [saver.save(*position)] if not self.dist.enabled else []
+                saved += [self._save_outputs(None)] if cfg.save_model else []
+                raise TrainingStopped(f"evaluation at step {self.global_step} failed ({type(err).__name__}: {err}); "
+                                      f"the training up to here is saved: {', '.join(filter(None, saved)) or 'nothing'}"
+                                      ) from err
+            history["eval"].append(result)
+            log.scalars("eval", result)
+        result = distributed.broadcast_object(result, self.dist) if self.dist.enabled else result
+        self.model.train()
+        best = run.best
+        if best.update(result, self.global_step):
+            best.path = os.path.join(saver.directory, f"step-{self.global_step:08d}")
+            saver.save(*position)
+            self._log(f"step {self.global_step}: best {best.metric} so far, {best.value:.4g}; weights kept in "
+                      f"{best.path}")
+        if not best.stop:
+            return False
+        reason = (f"early stopping at step {self.global_step}: {best.metric} has not improved by more than "
+                  f"{best.threshold:g} in {best.since} evaluations (best {best.value:.4g} at step {best.step})")
+        self._log(reason)
+        self._append_metrics({"split": "event", "event": "early_stopping", "step": self.global_step,
+                              "reason": reason})
+        history["stopped_early"] = reason
+        return True
+
+    def _finish(self, run: TrainingRun, history: dict, position, log) -> None:
+        """model/ (the best evaluation's weights when best_metric is set; the last checkpoint keeps the last
+        ones), then the final evaluation on all the evaluation data with the configured beams."""
+        cfg, saver, best = self.config, run.checkpointer, run.best
+        if best.path:
+            if saver.last_step != self.global_step:
+                saver.save(*position)  # the last weights, before model/ takes the best ones
+            load_model_tensors(best.path, self.model)
+            self._log(f"model/ holds the best evaluation's weights (step {best.step}, {best.metric} "
+                      f"{best.value:.4g}); the last weights (step {self.global_step}) are in {saver.last}")
+            self._append_metrics({"split": "event", "event": "best_model", "step": best.step, "path": best.path,
+                                  best.metric: best.value, "last_checkpoint": saver.last})
+            history["best"] = best.state()
         if cfg.save_model:
             # under FSDP the shards are gathered first: a collective, so every rank takes part
             state = distributed.full_state_dict(self.model) if self.sharded else None
             if self.dist.is_main:
                 self._log(f"model saved to {self._save_outputs(state)}")
+        last_eval = history["eval"][-1] if history["eval"] else None
+        repeat = last_eval is not None and last_eval["step"] == self.global_step and not best.path and \
+            run.eval_set is run.eval_full and cfg.eval_num_beams == cfg.num_beams
+        if run.eval_full is not None and self.dist.is_main and not repeat:
+            final = self.evaluate(run.eval_full, predictions_file="eval_predictions.jsonl", final=True)
+            history["final_eval"] = final
+            log.scalars("final_eval", final)
+        log.end()
         distributed.barrier(self.dist)
-        return history
-
-    def _evaluate_during_fit(self, run: TrainingRun, history: dict, position) -> None:
-        """Under torchrun, rank 0 evaluates (on the unwrapped model) while the others wait. An evaluation that
-        fails first saves the training (checkpoint and model), then stops the run saying where they are."""
-        if self.dist.is_main:
-            try:
-                history["eval"].append(self.evaluate(run.eval_set))
-            except Exception as err:
-                saved = [run.checkpointer.save(*position)] if not self.dist.enabled else []
-                saved += [self._save_outputs(None)] if self.config.save_model else []
-                raise TrainingStopped(f"evaluation at step {self.global_step} failed ({type(err).__name__}: {err}); "
-                                      f"the training up to here is saved: {', '.join(filter(None, saved)) or 'nothing'}"
-                                      ) from err
-        distributed.barrier(self.dist)
-        self.model.train()
 
     def _save_outputs(self, state: dict | None) -> str:
         """model/ (plain transformers checkpoint, adapters merged) and, for LoRA, adapter/ beside it."""
@@ -301,15 +356,23 @@ class Engine:
     # evaluation and generation
 
     def evaluate(self, data, num_beams: int | None = None, max_new_tokens: int | None = None,
-                 predictions_file: str | None = "eval_predictions.jsonl") -> dict:
-        """Teacher-forced loss, then generation metrics: exact match, accuracy by edit distance, ROUGE-1/2/L
-        (finetune.evaluation). Predictions are written next to metrics.jsonl in the output folder."""
+                 predictions_file: str | None = "eval_predictions.jsonl", final: bool = False) -> dict:
+        """Teacher-forced loss, then generation metrics: exact match, accuracy by edit distance, ROUGE-1/2/L, BLEU
+        and chrF (finetune.evaluation). Predictions are written next to metrics.jsonl in the output folder."""
         data = data if isinstance(data, Tokenized) else self._tokenized(data, "eval")
-        return evaluation.evaluate(self, data, num_beams, max_new_tokens, predictions_file)
+        return evaluation.evaluate(self, data, num_beams, max_new_tokens, predictions_file, final)
 
     def generate(self, texts: list[str], num_beams: int | None = None, max_new_tokens: int | None = None) -> list[str]:
         """Generate one output per input text (greedy when num_beams=1, beam search otherwise)."""
         return evaluation.generate(self, texts, num_beams, max_new_tokens)
+
+    def check(self, train, new_parameters=(), steps: int = 200):
+        """The recipe's preflight on this model and data, as a table of PASS / WARN / FAIL (finetune.preflight):
+        special tokens, one batch decoded, truncation, parameter groups, gradients, overfitting one batch, and
+        different outputs for different inputs. Runs the training checks on a copy of the model."""
+        from .preflight import check
+
+        return check(self, train, new_parameters, steps)
 
     def overfit_batch(self, pairs, steps: int = 200, lr: float | None = None) -> list[dict]:
         """Train repeatedly on one batch (all of `pairs`), constant learning rate, no weight decay.
@@ -363,3 +426,11 @@ class Engine:
             os.makedirs(self.config.output_dir, exist_ok=True)
             with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _subset(data: Tokenized | None, size: int | None, seed: int) -> Tokenized | None:
+    """A fixed, seeded subset of `size` examples (in their original order), or the data itself."""
+    if data is None or size is None or size >= len(data[0]):
+        return data
+    keep = sorted(random.Random(seed).sample(range(len(data[0])), size))
+    return Tokenized([data[0][i] for i in keep], [data[1][i] for i in keep])

@@ -20,7 +20,7 @@ from .models import check_length
 
 @torch.inference_mode()
 def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | None = None,
-             predictions_file: str | None = "eval_predictions.jsonl") -> dict:
+             predictions_file: str | None = "eval_predictions.jsonl", final: bool = False) -> dict:
     """`data`: (pairs, examples) tokenised by the engine. Returns loss, exact_match, by_edit_distance, ROUGE."""
     cfg, model = engine.config, engine.model
     pairs, examples = data
@@ -39,7 +39,8 @@ def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | N
             source, target = pairs[i]
             predictions[i] = {"source": source, "target": target, "prediction": text,
                               "correct": metrics.add(source, target, text)}
-    result = {"loss": loss_sum / max(1, tokens), **metrics.result(), "step": engine.global_step}
+    result = {"loss": loss_sum / max(1, tokens), **metrics.result(), "step": engine.global_step,
+              "num_beams": num_beams or cfg.num_beams, **({"final": True} if final else {})}
     if predictions_file and engine.dist.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, predictions_file), "w", encoding="utf-8") as f:

@@ -1,26 +1,28 @@
-"""Generation metrics, accumulated one prediction at a time (nothing but counters is kept).
+"""Generation metrics, accumulated one prediction at a time.
 
 - exact match: prediction == target after stripping surrounding white space;
 - accuracy by edit distance: exact match bucketed by the Levenshtein distance between the source and
-  the target (1, 2, 3, 4, 5, 6+; 0 when they are equal), the spelling-correction view;
-- ROUGE-1/2/L F-measure through `rouge-score` (Lin, 2004), the summarisation view.
+  the target (1, 2, 3, 4, 5, 6+; 0 when they are equal), the spelling-correction view. The distance comes
+  from `rapidfuzz` (C; a 2,000 x 200 character pair takes microseconds, where a Python loop takes 0.1 s);
+- ROUGE-1/2/L F-measure through `rouge-score` (Lin, 2004), the summarisation view;
+- BLEU and chrF through `sacrebleu` (Post, 2018: the published, tokenisation-pinned implementation), corpus
+  level, the translation view: the predictions and targets are kept for them (strings, no tensors).
+
+`METRIC_DIRECTIONS` says which way each reported metric improves (the loss down, the rest up), for choosing
+the best evaluation.
 """
 from __future__ import annotations
 
 BUCKETS = ("0", "1", "2", "3", "4", "5", "6+")
+METRIC_DIRECTIONS = {"loss": "min", "exact_match": "max", "rouge1": "max", "rouge2": "max", "rougeL": "max",
+                     "bleu": "max", "chrf": "max"}
 
 
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance (insertions, deletions, substitutions each cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        current = [i]
-        for j, cb in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.distance(a, b)
 
 
 def bucket(distance: int) -> str:
@@ -28,7 +30,7 @@ def bucket(distance: int) -> str:
 
 
 class GenerationMetrics:
-    def __init__(self, rouge: bool = True):
+    def __init__(self, rouge: bool = True, bleu: bool = True):
         self.n = 0
         self.exact = 0
         self.bucket_total = {b: 0 for b in BUCKETS}
@@ -39,6 +41,9 @@ class GenerationMetrics:
             from rouge_score import rouge_scorer
 
             self._scorer = rouge_scorer.RougeScorer(list(self.rouge_sums), use_stemmer=True)
+        self.bleu = bleu
+        self.predictions: list[str] = []
+        self.targets: list[str] = []
 
     def add(self, source: str, target: str, prediction: str) -> bool:
         hit = prediction.strip() == target.strip()
@@ -51,6 +56,9 @@ class GenerationMetrics:
             scores = self._scorer.score(target, prediction)
             for key in self.rouge_sums:
                 self.rouge_sums[key] += scores[key].fmeasure
+        if self.bleu:
+            self.predictions.append(prediction)
+            self.targets.append(target)
         return hit
 
     def result(self) -> dict:
@@ -64,4 +72,9 @@ class GenerationMetrics:
         }
         if self._scorer is not None:
             out.update({k: v / self.n if self.n else 0.0 for k, v in self.rouge_sums.items()})
+        if self.bleu and self.n:
+            import sacrebleu
+
+            out["bleu"] = sacrebleu.corpus_bleu(self.predictions, [self.targets]).score
+            out["chrf"] = sacrebleu.corpus_chrf(self.predictions, [self.targets]).score
         return out

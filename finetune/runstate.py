@@ -35,23 +35,68 @@ class Tokenized(tuple):
 
 @dataclass
 class TrainingRun:
-    """What `Engine.prepare` made: the data, the schedule of steps, where a resume starts, the checkpointer."""
+    """What `Engine.prepare` made: the data, the schedule of steps, where a resume starts, the checkpointer, the
+    best evaluation so far."""
     examples: list[Example]
-    eval_set: Tokenized | None
+    eval_set: Tokenized | None  # what evaluations during training use (eval_max_samples: a fixed subset)
+    eval_full: Tokenized | None  # the whole evaluation data, for the final evaluation
     sampler: LengthGroupedBatches
     total_steps: int
     epochs: int
     start: tuple[int, int]  # (epoch, windows of it already consumed)
     checkpointer: "Checkpointer"
+    best: "Best"
+
+
+class Best:
+    """The best evaluation so far by `best_metric` (loss: lower is better, the rest higher: METRIC_DIRECTIONS),
+    the checkpoint holding its weights, and the evaluations since it (early stopping). Its state goes into every
+    checkpoint, so a resumed run keeps the same best and patience count."""
+
+    def __init__(self, metric: str | None, patience: int | None = None, threshold: float = 0.0):
+        from .metrics import METRIC_DIRECTIONS
+
+        self.metric, self.patience, self.threshold = metric, patience, threshold
+        self.lower = metric is not None and METRIC_DIRECTIONS[metric] == "min"
+        self.value: float | None = None
+        self.step: int | None = None
+        self.path: str | None = None
+        self.since = 0  # evaluations since the best
+
+    def update(self, result: dict, step: int) -> bool:
+        """Record an evaluation; True when it is the new best."""
+        if self.metric is None:
+            return False
+        value = float(result[self.metric])
+        margin = self.threshold
+        better = self.value is None or (value < self.value - margin if self.lower else value > self.value + margin)
+        if better:
+            self.value, self.step, self.since = value, step, 0
+        else:
+            self.since += 1
+        return better
+
+    @property
+    def stop(self) -> bool:
+        return self.patience is not None and self.since >= self.patience
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "step": self.step, "path": self.path, "since": self.since}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.value, self.step, self.path, self.since = state["value"], state["step"], state["path"], state["since"]
 
 
 class Checkpointer:
-    def __init__(self, engine, optimizer, scheduler, data_hash: str, log):
+    def __init__(self, engine, optimizer, scheduler, data_hash: str, log, best: Best | None = None):
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
         self.directory = os.path.join(engine.config.output_dir, "checkpoints")
         self.data_hash = data_hash
         self.log = log
+        self.best = best or Best(None)
         self.last: str | None = None
+        self.last_step: int | None = None
 
     def save(self, epoch: int, window: int) -> str | None:
         """A checkpoint of the state after the current step; (epoch, window) is where a resume picks up."""
@@ -63,12 +108,14 @@ class Checkpointer:
         path = None
         if dist.is_main:
             progress = {"step": engine.global_step, "epoch": epoch, "window": window,
-                        "data_fingerprint": self.data_hash,
+                        "data_fingerprint": self.data_hash, "best": self.best.state(),
                         "nonfinite_in_a_row": engine.nonfinite_in_a_row, "world_size": dist.world_size}
             path = save_checkpoint(self.directory, engine.model, self.optimizer, self.scheduler,
                                    engine.precision.scaler, progress, engine.config.to_dict(), engine.config.keep_last,
-                                   rng_states=rng, model_state=model_state, optimizer_state=optimizer_state)
+                                   rng_states=rng, model_state=model_state, optimizer_state=optimizer_state,
+                                   protect=[self.best.path])
             self.last = path
+        self.last_step = engine.global_step
         distributed.barrier(dist)
         return path
 
@@ -124,6 +171,14 @@ class StepLog:
         enabled = engine.config.progress and engine.dist.is_main
         self.bar = tqdm(total=total_steps, initial=engine.global_step, disable=not enabled, desc="train",
                         dynamic_ncols=True)
+        self.writer = None
+        if "tensorboard" in engine.config.report_to and engine.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("report_to=['tensorboard'] needs the tensorboard package: pip install -e "
+                                  "'.[tensorboard]'") from err
+            self.writer = SummaryWriter(os.path.join(engine.config.output_dir, "tensorboard"))
 
     def step(self, stats: dict, epoch: int, history: dict) -> None:
         self.stats.append(stats)
@@ -142,9 +197,24 @@ class StepLog:
                   "samples_per_s_per_rank": samples / seconds / self.engine.dist.world_size}
         history["train"].append(record)
         self.engine._append_metrics(record)
+        self.scalars("train", record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              samples_s=f"{record['samples_per_s']:.1f}")
         self.stats, self.started = [], time.perf_counter()
 
+    def scalars(self, prefix: str, record: dict) -> None:
+        """Every number of a record as a TensorBoard scalar `prefix/name` at the current step."""
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                self.writer.add_scalar(f"{prefix}/{key}", value, self.engine.global_step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.bar.close()
+
+    def end(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -31,8 +31,9 @@ def test_bitfit_bart_default_offline_says_what_to_do(tmp_path):
 
 @pytest.mark.parametrize("method", ["full", "bitfit", "lora", "frozen-encoder", "int8-lora"])
 def test_spelling_example_smoke(tmp_path, method):
-    out = run("spelling_bert2bert.py", "--model", "tiny", "--method", method, "--max-steps", "3", "--train-size",
-              "64", "--eval-size", "8", "--num-beams", "1", "--output-dir", str(tmp_path))
+    out = run("spelling_bert2bert.py", "--model", "tiny", "--method", method, "--max-steps", "4", "--train-size",
+              "64", "--eval-size", "8", "--valid-size", "8", "--eval-every", "2", "--num-beams", "1",
+              "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "edit distance | pairs | exact match" in out.stdout
 
