@@ -1,7 +1,7 @@
 """Where the time of one training step goes, on the real job (MiniLM bert2bert, codespell, batch 64).
 
     python benchmarks/profile_real.py --method full --precision fp32 --steps 8
-    python benchmarks/profile_real.py --method lora --no-fused-loss --optimizer foreach
+    python benchmarks/profile_real.py --method full --precision fp32 --optimizer single   # AdamW before fused
 
 Runs a few steps through the engine's public seam (`Engine.prepare`, `Engine.windows`, `Engine.train_step`),
 then profiles `--steps` more with torch.profiler and prints the operators with the most self CPU time, and
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--fused-loss", default=None, choices=("on", "off", "auto"))
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--optimizer", choices=("engine", "single", "foreach"), default="engine",
+                    help="engine: the engine's AdamW (fused); single / foreach: torch's other AdamW loops, for comparison")
     args = ap.parse_args(argv)
 
     import torch
@@ -46,7 +48,14 @@ def main(argv=None) -> int:
     engine = Engine(built.model, built.tokenizer, cfg)
     pairs = codespell_pairs("train", limit=args.batch_size * (args.warmup + 2 * args.steps), seed=0)
     run = engine.prepare(pairs)
-    print(f"{engine.precision}; {engine.loss.reason}")
+    if args.optimizer != "engine":  # the same groups and schedule under another AdamW implementation
+        from finetune.optim import build_scheduler
+
+        groups = [{"params": g["params"], "lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
+                   "betas": g["betas"], "eps": g["eps"]} for g in engine.optimizer.param_groups]
+        engine.optimizer = torch.optim.AdamW(groups, foreach=args.optimizer == "foreach")
+        engine.scheduler = build_scheduler(engine.optimizer, run.total_steps, 0, cfg.schedule)
+    print(f"{engine.precision}; {engine.loss.reason}; AdamW {args.optimizer}")
     windows = [w for _, w in engine.windows(run, 0)]
     for w in windows[:args.warmup]:
         engine.train_step(w)

@@ -46,8 +46,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .preflight import check_setup
-    from .run_config import build_run, load_run_config
+    from .run_config import build_run, check_setup, load_run_config
 
     built = build_run(load_run_config(args.config, args.set))
     report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps)

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from . import distributed, evaluation
-from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint, load_model_tensors
+from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
 from .export import save_adapter_folder, save_model_folder
 from .freeze import trainable_report
-from .guards import TrainingStopped, check_gradients, count_nonfinite
+from .guards import TrainingStopped, check_engine_arguments, check_gradients, count_nonfinite
 from .loss import TrainingLoss
 from .masks import IGNORE_INDEX
 from .models import check_length, freeze_unused_pooler, resolve_special_tokens
@@ -39,7 +39,8 @@ from .noise import NoiseConfig, add_noise
 from .optim import build_adamw, build_scheduler, describe_groups, param_groups
 from .outputs import RunLock, claim_for_fresh_run
 from .precision import Precision
-from .runstate import Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun
+from .runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
+                       finish, subset)
 
 
 def set_seed(seed: int) -> None:
@@ -51,17 +52,7 @@ def set_seed(seed: int) -> None:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, config: TrainConfig | None = None,
                  noise: NoiseConfig | None = None):
-        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-            raise TypeError(f"Engine: model must be a transformers seq2seq model (an nn.Module with a .config), got "
-                            f"{type(model).__name__}")
-        if tokenizer is None or not callable(tokenizer):
-            raise TypeError(f"Engine: tokenizer must be the model's transformers tokenizer, got "
-                            f"{type(tokenizer).__name__}")
-        if config is not None and not isinstance(config, TrainConfig):
-            raise TypeError(f"Engine: config must be a TrainConfig (e.g. TrainConfig(**values)), got "
-                            f"{type(config).__name__}")
-        if noise is not None and not isinstance(noise, NoiseConfig):
-            raise TypeError(f"Engine: noise must be a NoiseConfig or None, got {type(noise).__name__}")
+        check_engine_arguments(model, tokenizer, config, noise)
         self.config = cfg = config or TrainConfig()
         cfg.validate()  # fields may have been changed after the config was made
         self.noise = noise  # BART-style corruption of training sources, fresh each epoch
@@ -101,7 +92,7 @@ class Engine:
         resume_path = find_checkpoint(os.path.join(cfg.output_dir, "checkpoints"), resume) if resume else None
         _, examples = self._tokenized(train, "train")
         eval_full = self._tokenized(eval, "eval") if eval is not None else None
-        eval_set = _subset(eval_full, cfg.eval_max_samples, cfg.seed)
+        eval_set = subset(eval_full, cfg.eval_max_samples, cfg.seed)
         if cfg.best_metric and eval is None:
             raise ValueError(f"TrainConfig.best_metric={cfg.best_metric!r} needs evaluation data: fit(train, eval=...)")
         # global micro-batches of batch_size x world; rank r takes every world-th example of each
@@ -269,81 +260,18 @@ class Engine:
                                   "resume with engine.fit(..., resume='latest')", flush=True)
                         raise SystemExit(128 + signum)
                     if run.eval_set is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
-                        stop = self._evaluate_during_fit(run, history, position, log)
+                        stop = evaluate_during_fit(self, run, history, position, log)
                     saver.periodic(*position)  # after the evaluation: the checkpoint holds its bookkeeping
                     if stop:
                         break
                 if run.eval_set is not None and not cfg.eval_every and not stop:
-                    stop = self._evaluate_during_fit(run, history, position, log)
+                    stop = evaluate_during_fit(self, run, history, position, log)
                 if stop:
                     break
         log.close()
         saver.periodic(*position, final=True)
-        self._finish(run, history, position, log)
+        finish(self, run, history, position, log)
         return history
-
-    def _evaluate_during_fit(self, run: TrainingRun, history: dict, position, log) -> bool:
-        """Rank 0 evaluates (greedy by default, on the evaluation subset) while the others wait; every rank then
-        updates the best-so-far alike, and the best evaluation's weights are kept as a checkpoint pruning never
-        deletes. An evaluation that fails first saves the training, then stops the run saying where it is.
-        Returns True when early stopping ends the run."""
-        cfg, saver, result = self.config, run.checkpointer, None
-        if self.dist.is_main:
-            try:
-                result = self.evaluate(run.eval_set, num_beams=cfg.eval_num_beams)
-            except Exception as err:
-                saved = [saver.save(*position)] if not self.dist.enabled else []
-                saved += [self._save_outputs(None)] if cfg.save_model else []
-                raise TrainingStopped(f"evaluation at step {self.global_step} failed ({type(err).__name__}: {err}); "
-                                      f"the training up to here is saved: {', '.join(filter(None, saved)) or 'nothing'}"
-                                      ) from err
-            history["eval"].append(result)
-            log.scalars("eval", result)
-        result = distributed.broadcast_object(result, self.dist) if self.dist.enabled else result
-        self.model.train()
-        best = run.best
-        if best.update(result, self.global_step):
-            best.path = os.path.join(saver.directory, f"step-{self.global_step:08d}")
-            saver.save(*position)
-            self._log(f"step {self.global_step}: best {best.metric} so far, {best.value:.4g}; weights kept in "
-                      f"{best.path}")
-        if not best.stop:
-            return False
-        reason = (f"early stopping at step {self.global_step}: {best.metric} has not improved by more than "
-                  f"{best.threshold:g} in {best.since} evaluations (best {best.value:.4g} at step {best.step})")
-        self._log(reason)
-        self._append_metrics({"split": "event", "event": "early_stopping", "step": self.global_step,
-                              "reason": reason})
-        history["stopped_early"] = reason
-        return True
-
-    def _finish(self, run: TrainingRun, history: dict, position, log) -> None:
-        """model/ (the best evaluation's weights when best_metric is set; the last checkpoint keeps the last
-        ones), then the final evaluation on all the evaluation data with the configured beams."""
-        cfg, saver, best = self.config, run.checkpointer, run.best
-        if best.path:
-            if saver.last_step != self.global_step:
-                saver.save(*position)  # the last weights, before model/ takes the best ones
-            load_model_tensors(best.path, self.model)
-            self._log(f"model/ holds the best evaluation's weights (step {best.step}, {best.metric} "
-                      f"{best.value:.4g}); the last weights (step {self.global_step}) are in {saver.last}")
-            self._append_metrics({"split": "event", "event": "best_model", "step": best.step, "path": best.path,
-                                  best.metric: best.value, "last_checkpoint": saver.last})
-            history["best"] = best.state()
-        if cfg.save_model:
-            # under FSDP the shards are gathered first: a collective, so every rank takes part
-            state = distributed.full_state_dict(self.model) if self.sharded else None
-            if self.dist.is_main:
-                self._log(f"model saved to {self._save_outputs(state)}")
-        last_eval = history["eval"][-1] if history["eval"] else None
-        repeat = last_eval is not None and last_eval["step"] == self.global_step and not best.path and \
-            run.eval_set is run.eval_full and cfg.eval_num_beams == cfg.num_beams
-        if run.eval_full is not None and self.dist.is_main and not repeat:
-            final = self.evaluate(run.eval_full, predictions_file="eval_predictions.jsonl", final=True)
-            history["final_eval"] = final
-            log.scalars("final_eval", final)
-        log.end()
-        distributed.barrier(self.dist)
 
     def _save_outputs(self, state: dict | None) -> str:
         """model/ (plain transformers checkpoint, adapters merged) and, for LoRA, adapter/ beside it."""
@@ -426,11 +354,3 @@ class Engine:
             os.makedirs(self.config.output_dir, exist_ok=True)
             with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-def _subset(data: Tokenized | None, size: int | None, seed: int) -> Tokenized | None:
-    """A fixed, seeded subset of `size` examples (in their original order), or the data itself."""
-    if data is None or size is None or size >= len(data[0]):
-        return data
-    keep = sorted(random.Random(seed).sample(range(len(data[0])), size))
-    return Tokenized([data[0][i] for i in keep], [data[1][i] for i in keep])

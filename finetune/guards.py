@@ -41,3 +41,21 @@ def count_nonfinite(in_a_row: int, nonfinite: bool, loss: float, step: int, limi
         raise TrainingStopped(f"{in_a_row} non-finite steps in a row (last at step {step}); stopping. Lower the "
                               "learning rate or use fp32/bf16.")
     return in_a_row
+
+
+def check_engine_arguments(model, tokenizer, config, noise) -> None:
+    """What Engine(...) is given is what it needs: a transformers model, its tokenizer, a TrainConfig, a NoiseConfig."""
+    from .config import TrainConfig
+    from .noise import NoiseConfig
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"Engine: model must be a transformers seq2seq model (an nn.Module with a .config), got "
+                        f"{type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError(f"Engine: tokenizer must be the model's transformers tokenizer, got "
+                        f"{type(tokenizer).__name__}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"Engine: config must be a TrainConfig (e.g. TrainConfig(**values)), got "
+                        f"{type(config).__name__}")
+    if noise is not None and not isinstance(noise, NoiseConfig):
+        raise TypeError(f"Engine: noise must be a NoiseConfig or None, got {type(noise).__name__}")

@@ -37,6 +37,12 @@ ROW_BLOCK_ELEMENTS = 1 << 23  # logits elements per block (32 MiB in float32): b
 # plain; LoRA 191.3 at 1143 MiB against 172.7 at 1256 MiB. (In bf16 the plain loss was 7% faster for full
 # fine-tuning, 240 vs 224 samples/s in benchmarks/profile_real.py, but holds the logits; memory decides.)
 FUSE_ABOVE_ELEMENTS = 1 << 22
+# Under bf16 / fp16 autocast with an output layer that trains, the fused loss measured worse on the real job (full
+# fine-tuning, bf16, benchmarks/bench_real.py --precision bf16: fused 238 samples/s at 2031 MiB peak against plain
+# 228 at 1636-1645 MiB; the cause of the fused path's extra memory there is not found): then it fuses only above
+# 32M elements. With a frozen output layer (LoRA, BitFit, int8 + LoRA) the fused loss stays leaner under autocast
+# too (LoRA 1175 MiB fused against 1260 plain), so the fp32 limit applies.
+FUSE_ABOVE_ELEMENTS_AUTOCAST = 1 << 25
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
@@ -189,8 +195,9 @@ class TrainingLoss:
             self.head, self.reason = None, "plain loss (the output layer is not a plain nn.Linear: LoRA or int8)"
         else:
             self.head = head
-            self.reason = (f"fused output layer + loss for micro-batches with more than {FUSE_ABOVE_ELEMENTS:,} logits, "
-                           "plain below" if self.by_size else "fused output layer + loss")
+            limit = FUSE_ABOVE_ELEMENTS_AUTOCAST if self._head_trains_under_autocast() else FUSE_ABOVE_ELEMENTS
+            self.reason = (f"fused output layer + loss for micro-batches with more than {limit:,} logits, plain "
+                           "below" if self.by_size else "fused output layer + loss")
         # the table vouches for transformers' own classes of a family: their logits come straight from the head
         self.checked = family.head_is_last and type(model).__module__.startswith("transformers.")
 
@@ -198,9 +205,13 @@ class TrainingLoss:
     def fused(self) -> bool:
         return self.head is not None
 
+    def _head_trains_under_autocast(self) -> bool:
+        return self.precision.dtype is not None and self.head is not None and self.head.weight.requires_grad
+
     def __call__(self, model, batch, label_smoothing: float = 0.0):
+        limit = FUSE_ABOVE_ELEMENTS_AUTOCAST if self._head_trains_under_autocast() else FUSE_ABOVE_ELEMENTS
         fuse = self.head is not None and (
-            not self.by_size or int((batch["labels"] != IGNORE_INDEX).sum()) * self.head.out_features > FUSE_ABOVE_ELEMENTS)
+            not self.by_size or int((batch["labels"] != IGNORE_INDEX).sum()) * self.head.out_features > limit)
         if fuse and not self.checked:
             self._check(batch)
             fuse = self.head is not None

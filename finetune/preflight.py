@@ -54,19 +54,6 @@ class CheckReport:
         return "\n".join(lines + ["", verdict])
 
 
-def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int = 200) -> CheckReport:
-    """Build the engine (its special-token contract is the first check) and run `check` on it."""
-    from .engine import Engine
-
-    try:
-        engine = Engine(model, tokenizer, config)
-    except ValueError as err:
-        report = CheckReport()
-        report.add("FAIL", "special tokens" if "token" in str(err) else "setup", str(err))
-        return report
-    return check(engine, train, new_parameters, steps)
-
-
 def check(engine, train, new_parameters=(), steps: int = 200) -> CheckReport:
     rng = torch.get_rng_state()
     try:
@@ -170,7 +157,6 @@ def _check_groups(report, engine, new_parameters) -> bool:
 
 
 def _check_training(report, engine, batch, pairs, steps: int) -> None:
-    from .engine import Engine
     from .guards import TrainingStopped
 
     try:
@@ -180,7 +166,7 @@ def _check_training(report, engine, batch, pairs, steps: int) -> None:
         model, note = engine.model, " (on the model itself: its weights changed; reload it before training)"
     config = dataclasses.replace(engine.config, output_dir=tempfile.mkdtemp(prefix="finetune-check-"),
                                  progress=False, grad_accum=1, max_grad_norm=engine.config.max_grad_norm)
-    trial = Engine(model, engine.tokenizer, config, noise=None)
+    trial = type(engine)(model, engine.tokenizer, config, noise=None)
     trial.build_optimizer(1, 0, schedule="constant")
     try:
         trial.optimizer.zero_grad(set_to_none=True)

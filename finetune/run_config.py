@@ -208,3 +208,17 @@ def build_run(run: RunConfig) -> BuiltRun:
     train = load_data(run.data.train, run.data.train_limit, cfg.seed, cfg.source_field, cfg.target_field)
     evaluation = load_data(run.data.eval, run.data.eval_limit, cfg.seed, cfg.source_field, cfg.target_field)
     return BuiltRun(model, tokenizer, new, cfg, train, evaluation, run.noise)
+
+
+def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int = 200) :
+    """Build the engine (its special-token contract is the first check) and run `check` on it."""
+    from .engine import Engine
+    from .preflight import CheckReport, check
+
+    try:
+        engine = Engine(model, tokenizer, config)
+    except ValueError as err:
+        report = CheckReport()
+        report.add("FAIL", "special tokens" if "token" in str(err) else "setup", str(err))
+        return report
+    return check(engine, train, new_parameters, steps)

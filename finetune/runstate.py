@@ -16,14 +16,16 @@ saves a checkpoint and exits with status 128 + signal.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
 from dataclasses import dataclass
 
 from . import distributed
-from .checkpoint import rng_state, save_checkpoint
+from .checkpoint import load_model_tensors, rng_state, save_checkpoint
 from .data import Example, LengthGroupedBatches
+from .guards import TrainingStopped
 
 
 class Tokenized(tuple):
@@ -218,3 +220,79 @@ class StepLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What `Engine.fit` does at an evaluation and at the end (its loop stays on one screen)
+
+
+def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, log) -> bool:
+    """Rank 0 evaluates (greedy by default, on the evaluation subset) while the others wait; every rank then
+    updates the best-so-far alike, and the best evaluation's weights are kept as a checkpoint pruning never
+    deletes. An evaluation that fails first saves the training, then stops the run saying where it is.
+    Returns True when early stopping ends the run."""
+    cfg, saver, result = engine.config, run.checkpointer, None
+    if engine.dist.is_main:
+        try:
+            result = engine.evaluate(run.eval_set, num_beams=cfg.eval_num_beams)
+        except Exception as err:
+            saved = [saver.save(*position)] if not engine.dist.enabled else []
+            saved += [engine._save_outputs(None)] if cfg.save_model else []
+            raise TrainingStopped(f"evaluation at step {engine.global_step} failed ({type(err).__name__}: {err}); "
+                                  f"the training up to here is saved: {', '.join(filter(None, saved)) or 'nothing'}"
+                                  ) from err
+        history["eval"].append(result)
+        log.scalars("eval", result)
+    result = distributed.broadcast_object(result, engine.dist) if engine.dist.enabled else result
+    engine.model.train()
+    best = run.best
+    if best.update(result, engine.global_step):
+        best.path = os.path.join(saver.directory, f"step-{engine.global_step:08d}")
+        saver.save(*position)
+        engine._log(f"step {engine.global_step}: best {best.metric} so far, {best.value:.4g}; weights kept in "
+                  f"{best.path}")
+    if not best.stop:
+        return False
+    reason = (f"early stopping at step {engine.global_step}: {best.metric} has not improved by more than "
+              f"{best.threshold:g} in {best.since} evaluations (best {best.value:.4g} at step {best.step})")
+    engine._log(reason)
+    engine._append_metrics({"split": "event", "event": "early_stopping", "step": engine.global_step,
+                          "reason": reason})
+    history["stopped_early"] = reason
+    return True
+
+def finish(engine, run: TrainingRun, history: dict, position, log) -> None:
+    """model/ (the best evaluation's weights when best_metric is set; the last checkpoint keeps the last
+    ones), then the final evaluation on all the evaluation data with the configured beams."""
+    cfg, saver, best = engine.config, run.checkpointer, run.best
+    if best.path:
+        if saver.last_step != engine.global_step:
+            saver.save(*position)  # the last weights, before model/ takes the best ones
+        load_model_tensors(best.path, engine.model)
+        engine._log(f"model/ holds the best evaluation's weights (step {best.step}, {best.metric} "
+                  f"{best.value:.4g}); the last weights (step {engine.global_step}) are in {saver.last}")
+        engine._append_metrics({"split": "event", "event": "best_model", "step": best.step, "path": best.path,
+                              best.metric: best.value, "last_checkpoint": saver.last})
+        history["best"] = best.state()
+    if cfg.save_model:
+        # under FSDP the shards are gathered first: a collective, so every rank takes part
+        state = distributed.full_state_dict(engine.model) if engine.sharded else None
+        if engine.dist.is_main:
+            engine._log(f"model saved to {engine._save_outputs(state)}")
+    last_eval = history["eval"][-1] if history["eval"] else None
+    repeat = last_eval is not None and last_eval["step"] == engine.global_step and not best.path and \
+        run.eval_set is run.eval_full and cfg.eval_num_beams == cfg.num_beams
+    if run.eval_full is not None and engine.dist.is_main and not repeat:
+        final = engine.evaluate(run.eval_full, predictions_file="eval_predictions.jsonl", final=True)
+        history["final_eval"] = final
+        log.scalars("final_eval", final)
+    log.end()
+    distributed.barrier(engine.dist)
+
+
+def subset(data: Tokenized | None, size: int | None, seed: int) -> Tokenized | None:
+    """A fixed, seeded subset of `size` examples (in their original order), or the data itself."""
+    if data is None or size is None or size >= len(data[0]):
+        return data
+    keep = sorted(random.Random(seed).sample(range(len(data[0])), size))
+    return Tokenized([data[0][i] for i in keep], [data[1][i] for i in keep])
