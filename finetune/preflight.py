@@ -175,11 +175,11 @@ def _check_training(report, engine, batch, pairs, steps: int) -> None:
     except TrainingStopped as err:
         report.add("FAIL", "gradients", str(err))
         return
-    history = trial.overfit_batch(pairs, steps=steps, lr=max(engine.config.lr, 1e-3))
+    history = trial.overfit_batch(pairs, steps=steps)  # the run's own learning rates (and lr_overrides)
     last = history[-1]
     ok = last["loss"] < 0.1 and last["token_accuracy"] == 1.0
     report.add("PASS" if ok else "FAIL", "overfit one batch",
-               f"{len(pairs)} pairs, {steps} steps at lr {max(engine.config.lr, 1e-3):g}: loss {history[0]['loss']:.3f}"
+               f"{len(pairs)} pairs, {steps} steps at the run's learning rates: loss {history[0]['loss']:.3f}"
                f" -> {last['loss']:.4f}, token accuracy {last['token_accuracy']:.1%}{note}"
                + ("" if ok else "; a model that cannot learn one batch will not learn the data: check the labels, "
                   "the shift, what is frozen and the learning rate"))
