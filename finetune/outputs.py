@@ -28,6 +28,8 @@ LOCK_FILE = ".lock"
 # What a finished or interrupted run leaves behind; a fresh run into a folder holding any of these is refused
 # (metrics.jsonl only when it holds training records: evaluating before training is not a run).
 RUN_OUTPUTS = ("checkpoints", "model", "metrics.jsonl")
+# What overwrite_output_dir removes: those, and what an earlier run wrote beside them (so nothing stale is left).
+REPLACED_ON_OVERWRITE = RUN_OUTPUTS + ("adapter", "eval_predictions.jsonl", "tensorboard")
 
 
 class OutputDirError(RuntimeError):
@@ -153,7 +155,7 @@ def claim_for_fresh_run(directory: str, overwrite: bool, dry_run: bool = False) 
             "overwrite_output_dir=True (`--set train.overwrite_output_dir=true`) to replace them")
     if dry_run:
         return found
-    for name in found:
+    for name in REPLACED_ON_OVERWRITE:
         path = os.path.join(directory, name)
         for p in (path, path + ".old", path + ".tmp"):
             if os.path.isdir(p):

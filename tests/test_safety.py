@@ -537,3 +537,14 @@ def test_cli_reports_broken_models_and_paths_in_one_line(tmp_path):
         errors = [line for line in out.stderr.splitlines() if line.startswith("finetune ")]
         assert out.returncode == 2, (args, out.stderr[-500:])
         assert "Traceback" not in out.stderr and len(errors) == 1 and message in errors[0], (args, out.stderr[-500:])
+
+
+def test_overwrite_leaves_nothing_stale_from_the_earlier_run(tmp_path):
+    model, tok = tiny_bart()
+    apply_lora(model, r=4)
+    Engine(model, tok, cfg(tmp_path)).fit(DATA, eval=DATA[:4])
+    assert (tmp_path / "adapter").is_dir() and (tmp_path / "eval_predictions.jsonl").exists()
+    model, tok = tiny_bart()  # a full fine-tuning run replaces the LoRA run: its adapter must not stay beside it
+    Engine(model, tok, cfg(tmp_path, overwrite_output_dir=True)).fit(DATA)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "eval_predictions.jsonl").exists()
+    assert (tmp_path / "model" / "config.json").exists()
