@@ -82,14 +82,6 @@ def _fsync_write_json(path: str, obj) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _model_tensors(model: nn.Module, state: dict | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """What model.safetensors holds; `state` is a state dict gathered from FSDP shards (else the model's own)."""
     params = dict(model.named_parameters())
@@ -164,8 +156,6 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progres
         "optimizer": opt_meta, "scheduler": sched, "scaler": scaler.state_dict() if scaler else None, "rng": rng_meta,
     }
     _fsync_write_json(os.path.join(tmp, "state.json"), state)
-    for f in FILES[:3]:
-        _fsync(os.path.join(tmp, f))
     manifest = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
                 for f in FILES}
     _fsync_write_json(os.path.join(tmp, MANIFEST), manifest)

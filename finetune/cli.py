@@ -76,9 +76,9 @@ def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str
 def cmd_eval(args) -> int:
     if not os.path.isdir(args.model):
         raise ModelNotAvailable(f"--model {args.model}: not a folder (pass the model/ folder a training run wrote)")
-    read_pairs(args.data)  # a bad data file fails before the model loads
+    pairs = read_pairs(args.data)  # a bad data file fails before the model loads
     engine = _engine_for(args.model, args.num_beams, args.batch_size, args.output_dir, args.max_new_tokens)
-    metrics = engine.evaluate(args.data)
+    metrics = engine.evaluate(pairs)
     print(json.dumps(metrics, indent=1))
     return 0
 

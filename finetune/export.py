@@ -23,7 +23,7 @@ import shutil
 import torch
 from torch import nn
 
-from .freeze import LinearWithAddedBias, _add_biases_to
+from .freeze import LinearWithAddedBias
 from .lora import LoRALinear, is_int8, lora_layers
 from .outputs import OutputDirError, replace_dir
 
@@ -106,10 +106,6 @@ def read_marker(path: str) -> dict | None:
         raise ValueError(f"{file}: not a finetune model marker (expected a JSON object with 'added_biases')")
     return marker
 
-
-def add_saved_biases(model: nn.Module, names: list[str]) -> None:
-    """Give the layers BitFit added biases to (as listed in the marker) their zero bias back, before loading."""
-    _add_biases_to(model, names)
 
 
 def save_model_folder(model: nn.Module, tokenizer, path: str, state: dict | None = None, log=print) -> str:

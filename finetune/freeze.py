@@ -179,12 +179,8 @@ def _add_biases_to(model: nn.Module, names) -> None:
 
 def _add_biases(model: nn.Module) -> int:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    added = 0
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None and child is not output:
-                setattr(parent, child_name, LinearWithAddedBias(child))
-                added += 1
-    if not added:
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and m.bias is None and m is not output]
+    if not names:
         raise ValueError("bitfit: add_missing_biases found no bias-free nn.Linear layer to give a bias")
-    return added
+    _add_biases_to(model, names)
+    return len(names)

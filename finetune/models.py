@@ -195,9 +195,9 @@ def _load_added_biases(model, path: str, added: list[str], unexpected: list[str]
     """A saved BitFit T5: put the added biases back (they are `unexpected` to the plain class)."""
     from safetensors import safe_open
 
-    from .export import add_saved_biases
+    from .freeze import _add_biases_to
 
-    add_saved_biases(model, added)
+    _add_biases_to(model, added)
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     wanted = {f"{name}.bias" for name in added}
     found = {}

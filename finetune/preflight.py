@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data import read_pairs, tokenize_pairs
 from .masks import IGNORE_INDEX
 
 SMALL_LR = 1e-4  # a rate at or below this barely moves randomly initialised tensors in an epoch (DESIGN.md)
@@ -69,13 +70,13 @@ def _check(engine, train, new_parameters, steps: int) -> CheckReport:
                f"pad {tokens.pad} {tok.convert_ids_to_tokens(tokens.pad)!r}, decoder start {tokens.decoder_start} "
                f"{tok.convert_ids_to_tokens(tokens.decoder_start)!r}, eos {tokens.eos} "
                f"{tok.convert_ids_to_tokens(tokens.eos)!r}: config, generation config and tokenizer agree")
-    pairs, examples = engine._tokenized(train, "check")
     cfg = engine.config
+    pairs = read_pairs(train, cfg.source_field, cfg.target_field)
+    examples, counts = tokenize_pairs(pairs, tok, cfg.max_source_length, cfg.max_target_length, tokens.decoder_start)
     size = min(len(examples), max(2, min(cfg.batch_size, 8)))
     batch = engine.collate(examples[:size])
     _check_batch(report, engine, batch, pairs[:size])
-    cut_src = sum(len(tok(s)["input_ids"]) > cfg.max_source_length for s, _ in pairs)
-    cut_tgt = sum(len(tok(text_target=t)["input_ids"]) > cfg.max_target_length for _, t in pairs)
+    cut_src, cut_tgt = counts.truncated_sources, counts.truncated_targets
     report.add("WARN" if cut_src or cut_tgt else "PASS", "truncation",
                f"{cut_src} of {len(pairs)} sources longer than max_source_length={cfg.max_source_length}, {cut_tgt} "
                f"targets longer than max_target_length={cfg.max_target_length}"
