@@ -73,7 +73,7 @@ def linear_flops_per_sample(model, src_len: int, tgt_len: int) -> float:
     total = 0.0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) and not getattr(type(module), "is_int8_linear", False):
+        if not isinstance(module, torch.nn.Linear) and not getattr(type(module), "is_quantized_linear", False):
             continue
         if ".lora_" in name or name.endswith(".inner"):
             continue
@@ -180,25 +180,35 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
 
 
 def peer_model(model, method: str, new):
-    """The peer's model for a method: PEFT for LoRA (PEFT's int8 LoRA layer over the same bitsandbytes layers for
-    int8 + LoRA: transformers' own 8-bit loading is CUDA-only), our freezing for the others (the same tensors
-    train on both sides)."""
-    if method in ("lora", "int8-lora"):
+    """The peer's model for a method: PEFT for LoRA and DoRA (PEFT's int8 / 4-bit LoRA layers over the same
+    bitsandbytes layers for int8 + LoRA and QLoRA: transformers' own quantised loading wants a checkpoint on disk
+    and, for 8-bit, CUDA), our freezing for the others (the same tensors train on both sides)."""
+    if method in ("lora", "int8-lora", "dora", "qlora"):
         import peft
 
-        if method == "int8-lora":
-            from finetune.int8 import prepare_int8_training, quantize_int8
+        from finetune.quant import prepare_quantized_training
 
-            quantize_int8(model, skip=[exact_names_pattern(new)] if new else ())
-            prepare_int8_training(model)
+        if method in ("int8-lora", "qlora"):
+            skip = [exact_names_pattern(new)] if new else ()
+            if method == "int8-lora":
+                from finetune.int8 import quantize_int8
+
+                quantize_int8(model, skip=skip)
+                model.is_loaded_in_8bit = True  # how PEFT learns that its int8 LoRA layer is wanted
+            else:
+                from finetune.int4 import quantize_4bit
+
+                quantize_4bit(model, skip=skip)
+                model.is_loaded_in_4bit = True  # ... and its 4-bit one
+            prepare_quantized_training(model)
             for name, module in list(model.named_modules()):  # PEFT wraps bitsandbytes' own layer
-                if getattr(type(module), "is_int8_linear", False):
+                if getattr(type(module), "is_quantized_linear", False):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, module.inner)
-            model.is_loaded_in_8bit = True  # how PEFT learns that its int8 LoRA layer is wanted
         target = PEER_LORA_TARGETS[model.config.model_type]
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                           target_modules=target, task_type="SEQ_2_SEQ_LM"))
+                                                           target_modules=target, task_type="SEQ_2_SEQ_LM",
+                                                           use_dora=method == "dora"))
         if new:  # the newly initialised tensors train in full, as in ours
             pattern = re.compile(exact_names_pattern(new).lstrip("^"))
             for name, param in model.named_parameters():

@@ -24,8 +24,8 @@ echo "== 2. real task, bf16"
 timeout 200 python benchmarks/bench_real.py --precision bf16 --rounds 1 --out "$OUT/real_bf16" 2>&1 \
     | tail -12 || status=1
 echo "== 3. bart-base-sized matrix"
-timeout 120 python benchmarks/bench_train.py --models bart-base --checkpointing off --precisions bf16 fp16 \
-    --methods full lora int8-lora --src-len 64 --tgt-len 64 --warmup 2 --steps 6 --out "$OUT/bart_base" 2>&1 \
+timeout 240 python benchmarks/bench_train.py --models bart-base --checkpointing off --precisions bf16 fp16 \
+    --methods full lora int8-lora dora qlora --src-len 64 --tgt-len 64 --warmup 2 --steps 6 --out "$OUT/bart_base" 2>&1 \
     | tail -12 || status=1
 echo "gpu_check: tables in $OUT (exit $status)"
 exit $status

@@ -2,6 +2,7 @@
 
     python examples/lora_int8_flan_t5.py --model tiny        # offline smoke run, random weights
     python examples/lora_int8_flan_t5.py                     # google/flan-t5-base (hub or its cache)
+    python examples/lora_int8_flan_t5.py --method qlora      # 4-bit NF4 base weights instead (QLoRA)
 
 Every linear layer but the LM head is quantised to int8 (bitsandbytes, CPU or CUDA); LoRA adapters
 (r=16, alpha=32, dropout 0.05) on the attention's q and v train; LayerNorm gains stay float32 and the LM
@@ -11,7 +12,6 @@ import argparse
 import os
 import sys
 
-import torch
 from common import load_model
 
 from finetune import Engine, TrainConfig, read_pairs, save_adapter, trainable_report
@@ -23,7 +23,7 @@ PREFIX = "correct spelling of following word: "
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="int8 + LoRA on Flan-T5")
+    ap = argparse.ArgumentParser(description="int8 + LoRA (or QLoRA, LoRA, DoRA) on Flan-T5")
     ap.add_argument("--model", default="google/flan-t5-base", help="hub name, local folder, or 'tiny'")
     ap.add_argument("--data", default=None, help="(.jsonl/.tsv/.csv) pairs; default: codespell; the prefix is added")
     ap.add_argument("--train-size", type=int, default=2000)
@@ -31,15 +31,17 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="default 3e-4 (pretrained) / 3e-3 (tiny)")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16" if torch.cuda.is_available() else "fp32",
-                    help="bf16 on GPU (T5 overflows fp16); fp32 on a CPU without native bf16")
+    ap.add_argument("--method", choices=("int8-lora", "qlora", "lora", "dora"), default="int8-lora",
+                    help="int8 base (default), 4-bit NF4 base (QLoRA), or a float base with LoRA / DoRA")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="auto: bf16 where the hardware has bf16 units, else fp32 (T5 overflows fp16)")
     ap.add_argument("--output-dir", default="runs/lora_int8_flan_t5")
     ap.add_argument("--overwrite-output-dir", action="store_true",
                     help="replace the outputs of an earlier run in --output-dir (otherwise refused)")
     args = ap.parse_args(argv)
 
     model, tokenizer = load_model(args.model, tiny_t5, "lora_int8_flan_t5.py")
-    apply_method(model, "int8-lora", lora_r=16, lora_alpha=32, lora_dropout=0.05)
+    apply_method(model, args.method, lora_r=16, lora_alpha=32, lora_dropout=0.05)
     print(trainable_report(model))
     train = read_pairs(args.data) if args.data else codespell_pairs("train", limit=args.train_size)
     test = codespell_pairs("test", limit=args.eval_size)

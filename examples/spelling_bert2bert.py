@@ -7,12 +7,14 @@ offline, on CPU in minutes. Prints exact-match accuracy by edit distance and a f
     python examples/spelling_bert2bert.py                  # full fine-tuning, default recipe
     python examples/spelling_bert2bert.py --method bitfit  # see --help for the rest
 
-The recipe: the newly initialised tensors (cross-attention, LM-head transform: the load report's
-missing keys) train at --new-lr, everything pretrained at --lr (one rate cannot serve both); the whole
-training split, batch 64, 800 steps with 5% warm-up and linear decay, precision "auto" (bf16 where the CPU
-has bf16 units). Every 200 steps a greedy evaluation on 500 validation pairs; the best one's weights are
-kept and end in model/. The final report: the test split (all of it by default), beam search, exact match by
-edit distance, wall time, samples/s and the CPU.
+The recipe (benchmarks/spelling_recipes.py holds the search, README the table): the newly initialised tensors
+(cross-attention, LM-head transform: the load report's missing keys) train at --new-lr 1e-3, everything
+pretrained at --lr (2e-4 for full fine-tuning; METHOD_LR for the others: one rate cannot serve both); no dropout
+(MiniLM's 0.1 cost 11 points of exact match in this one-epoch budget); label smoothing 0.1; the whole training
+split, batch 64, 800 steps (0.96 epoch) with 5% warm-up and linear decay, precision "auto" (bf16 where the CPU
+has bf16 units, else fp32). Every 200 steps a greedy evaluation on 500 validation pairs; the best one's weights are kept and end
+in model/. The final report: the test split (all of it by default), beam search, exact match by edit distance,
+wall time, samples/s and the CPU. `--compare` runs every method at the same budget, each at its own rate.
 """
 import argparse
 import json
@@ -28,8 +30,16 @@ import torch  # noqa: E402
 
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
-from finetune.methods import METHODS, apply_method, new_tensor_lr  # noqa: E402
+from finetune.freeze import freeze  # noqa: E402
+from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
 from finetune.models import bert2bert_by_name  # noqa: E402
+
+
+# each method's learning rate for the pretrained tensors it trains (benchmarks/results/spelling_recipes: full
+# fine-tuning at 2e-4 beat 1e-4 and 3e-4; adapters and biases start from zero or train few tensors: 1e-3)
+METHOD_LR = {"full": 2e-4, "frozen-encoder": 2e-4, "bitfit": 1e-3, "lora": 1e-3, "int8-lora": 1e-3, "dora": 1e-3,
+             "qlora": 1e-3}
+LORA_TARGETS = {"all-linear": (r"\.(query|key|value|dense)$",), "qv": (r"\.(query|value)$",)}
 
 
 def main(argv=None):
@@ -43,8 +53,17 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=800, help="optimizer steps (see the README for how chosen)")
     ap.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate of the pretrained tensors (default: per method, METHOD_LR)")
     ap.add_argument("--new-lr", type=float, default=1e-3, help="learning rate of the newly initialised tensors")
+    ap.add_argument("--freeze", action="append", default=[], metavar="REGEX",
+                    help="also freeze the parameters matching REGEX (repeatable), e.g. the encoder's word embeddings")
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="dropout of every layer of the model (the checkpoint's is 0.1; 0 for this one-epoch budget)")
+    ap.add_argument("--lora-targets", choices=tuple(LORA_TARGETS), default="all-linear",
+                    help="linear layers the adapter methods wrap (all-linear: query, key, value and every dense)")
+    ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--output-dir", default="runs/spelling")
@@ -59,16 +78,23 @@ def main(argv=None):
 
     built = bert2bert_by_name(args.model)
     model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
-    # LoRA goes on the pretrained query/value projections (the family's default targets, less the new
-    # cross-attention, which trains in full as every new tensor does)
-    apply_method(model, args.method, new_names)
+    if args.dropout is not None:  # before the method, so LoRA's own dropout keeps its setting
+        set_dropout(model, args.dropout)
+    # adapters go on the pretrained linear layers (not on the new cross-attention, which trains in full as every
+    # new tensor does), with no dropout of their own in this one-epoch budget
+    settings = {"lora_targets": list(LORA_TARGETS[args.lora_targets]), "lora_dropout": 0.0} \
+        if "lora_targets" in settings_of(args.method) else {}
+    apply_method(model, args.method, new_names, **settings)
+    args.lr = args.lr or METHOD_LR[args.method]
+    if args.freeze:
+        freeze(model, args.freeze)
 
     train = codespell_pairs("train", limit=args.train_size, seed=args.seed)
     valid = codespell_pairs("validation", limit=args.valid_size, seed=args.seed)  # a fixed seeded sample
     test = codespell_pairs("test", limit=args.eval_size, seed=args.seed)
     config = TrainConfig(
         lr=args.lr, lr_overrides=new_tensor_lr(new_names, args.new_lr),
-        weight_decay=0.01, warmup_ratio=0.05, epochs=max(1, -(-args.max_steps * args.batch_size // len(train))),
+        weight_decay=0.01, warmup_ratio=args.warmup_ratio, label_smoothing=args.label_smoothing, epochs=max(1, -(-args.max_steps * args.batch_size // len(train))),
         max_steps=args.max_steps, batch_size=args.batch_size, precision=args.precision, max_source_length=32,
         max_target_length=32, num_beams=args.num_beams, max_new_tokens=16, seed=args.seed,
         output_dir=args.output_dir, overwrite_output_dir=args.overwrite_output_dir, log_every=20, eval_batch_size=128,
@@ -102,9 +128,23 @@ def main(argv=None):
         with open(args.result_json, "w", encoding="utf-8") as f:
             json.dump({"method": args.method, "trainable": report.trainable, "total": report.total,
                        "exact_match": metrics["exact_match"], "by_edit_distance": metrics["by_edit_distance"],
-                       "samples_per_s": samples_per_s, "train_seconds": train_seconds, "steps": steps,
+                       "samples_per_s": samples_per_s, "train_seconds": train_seconds, "steps": steps, "test_pairs": len(test),
+                       "batch_size": args.batch_size, "lr": args.lr, "new_lr": args.new_lr,
+                       "curve": [[r["step"], r["exact_match"]] for r in history["eval"]
+                                 if "exact_match" in r and not r.get("final")],
                        "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name}, f)
     return 0
+
+
+def set_dropout(model, p: float) -> None:
+    """Every dropout layer of the model (hidden, attention; encoder and decoder) to probability p."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    for config in (model.config.encoder, model.config.decoder) if hasattr(model.config, "encoder") else (model.config,):
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, p)
 
 
 def cpu_description() -> str:
@@ -151,32 +191,46 @@ BUCKETS = ("1", "2", "3", "4", "5", "6+")
 
 
 def markdown_table(results) -> str:
-    head = "| method | trainable params | " + " | ".join(f"ed {b}" for b in BUCKETS) + \
-        " | all | samples/s | peak RSS MiB |"
-    rule = "|" + "---|" * (len(BUCKETS) + 5)
+    head = "| method | lr | trainable params | " + " | ".join(f"ed {b}" for b in BUCKETS) + \
+        " | all | training min | samples/s | peak RSS MiB |"
+    rule = "|" + "---|" * (len(BUCKETS) + 7)
     rows = []
     for r in results:
         cells = [f"{r['by_edit_distance'][b]['exact_match']:.3f}" if b in r["by_edit_distance"] else "-"
                  for b in BUCKETS]
-        rows.append(f"| {r['method']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | "
-                    + " | ".join(cells) + f" | **{r['exact_match']:.3f}** | {r['samples_per_s']:.1f} | "
+        rows.append(f"| {r['method']} | {r.get('lr', '-')} | {r['trainable']:,} "
+                    f"({100 * r['trainable'] / r['total']:.2f}%) | " + " | ".join(cells) +
+                    f" | **{r['exact_match']:.3f}** | {r['train_seconds'] / 60:.1f} | {r['samples_per_s']:.1f} | "
                     f"{r['peak_rss_mib']:.0f} |")
     return "\n".join([head, rule, *rows])
 
 
 def chart(results, png):
+    """Left: test exact match by edit distance, one bar per method; right: exact match against training minutes
+    (each method's validation curve, and its final test figure as a star)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, key, label in zip(axes, ("exact_match", "samples_per_s", "peak_rss_mib"),
-                              ("exact match (test)", "samples/s (train)", "peak RSS (MiB)")):
-        ax.bar(names, [r[key] for r in results], color="tab:blue")
-        ax.set_title(label)
-        ax.tick_params(axis="x", rotation=30)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4))
+    width = 0.8 / max(1, len(results))
+    for i, r in enumerate(results):
+        xs = [k + i * width for k, b in enumerate(BUCKETS) if b in r["by_edit_distance"]]
+        ys = [r["by_edit_distance"][b]["exact_match"] for b in BUCKETS if b in r["by_edit_distance"]]
+        left.bar(xs, ys, width, label=r["method"])
+        per_step = r["train_seconds"] / 60 / max(1, r["steps"])  # minutes per step, validation included
+        curve = r.get("curve") or []
+        line = right.plot([step * per_step for step, _ in curve], [v for _, v in curve], marker=".",
+                          label=f"{r['method']} (validation)")
+        right.scatter(r["train_seconds"] / 60, r["exact_match"], s=40, color=line[0].get_color(), marker="*")
+    left.set_xticks([k + 0.4 - width / 2 for k in range(len(BUCKETS))])
+    left.set_xticklabels([f"edit distance {b}" for b in BUCKETS], fontsize=8)
+    left.set_ylabel("exact match (test)")
+    left.legend(fontsize=7)
+    right.set_xlabel("training minutes (validation included)")
+    right.set_ylabel("exact match (lines: validation, greedy; stars: test, beam)")
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

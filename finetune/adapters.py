@@ -32,8 +32,8 @@ def _also_train_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA A/B weights and the also_train tensors, under their names in the model."""
-    state = {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    """The LoRA A/B weights (and DoRA magnitudes) and the also_train tensors, under their names in the model."""
+    state = {n: p for n, p in model.named_parameters() if is_lora_key(n)}
     state.update(_also_train_tensors(model))
     return {n: t.detach().contiguous() for n, t in state.items()}
 
@@ -56,8 +56,8 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
     elif format == "peft":
         peft_state = {}
         for name, tensor in state.items():
-            if ".lora_A." in name or ".lora_B." in name:
-                peft_state[PEFT_PREFIX + name] = tensor
+            if is_lora_key(name):
+                peft_state[_to_peft_key(name)] = tensor
             else:
                 raise ValueError(f"save_adapter(format='peft'): also_train tensor {name} has no PEFT key in this "
                                  "exporter; save with format='finetune' or drop also_train")
@@ -65,6 +65,7 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
         meta = {
             "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": config["r"], "lora_alpha": config["alpha"],
             "lora_dropout": config["dropout"], "use_rslora": config["rslora"], "bias": "none",
+            "use_dora": bool(config.get("dora", False)),
             "target_modules": config["modules"], "fan_in_fan_out": False, "init_lora_weights": True,
             "rank_pattern": config.get("rank_pattern", {}), "alpha_pattern": config.get("alpha_pattern", {}),
             "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model,
@@ -92,6 +93,10 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
                          "without LoRA layers")
     if any(m.merged for m in existing.values()):
         raise ValueError(f"{directory}: the model's LoRA layers are merged; unmerge() them before loading an adapter")
+    mismatched = [n for n, layer in existing.items() if layer.dora != settings["dora"]]
+    if mismatched:
+        raise ValueError(f"{directory}: the adapter is {'DoRA' if settings['dora'] else 'plain LoRA'} and the model's "
+                         f"LoRA layers are not (e.g. {mismatched[0]}); load it into a model without LoRA layers")
     _check_adapter_fits(model, directory, weights, settings, modules, state, existing)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     had_config = getattr(model, "lora_config", None)
@@ -155,7 +160,7 @@ def _read_adapter(directory: str):
     if meta.get("peft_type") is not None:
         if meta["peft_type"] != "LORA":
             raise ValueError(f"{config_path}: peft_type {meta['peft_type']!r}: only LoRA adapters are supported")
-        unsupported = {"use_dora": bool(meta.get("use_dora")), "bias": meta.get("bias", "none") != "none",
+        unsupported = {"bias": meta.get("bias", "none") != "none",
                        "modules_to_save": bool(meta.get("modules_to_save")),
                        "layers_to_transform": meta.get("layers_to_transform") is not None,
                        "fan_in_fan_out": bool(meta.get("fan_in_fan_out")),
@@ -167,7 +172,8 @@ def _read_adapter(directory: str):
                              "model differently than PEFT does")
         weights = os.path.join(directory, PEFT_WEIGHTS)
         settings = dict(r=need("r", int), alpha=need("lora_alpha", number), dropout=need("lora_dropout", number, 0.0),
-                        rslora=need("use_rslora", bool, False), also_train=(),
+                        rslora=need("use_rslora", bool, False), dora=need("use_dora", bool, False) or False,
+                        also_train=(),
                         rank_pattern=need("rank_pattern", dict, {}) or {},
                         alpha_pattern=need("alpha_pattern", dict, {}) or {})
         raw = _load_weights(weights, load_file, SafetensorError)
@@ -176,7 +182,8 @@ def _read_adapter(directory: str):
     elif meta.get("format") == "finetune-lora":
         weights = os.path.join(directory, ADAPTER_WEIGHTS)
         settings = dict(r=need("r", int), alpha=need("alpha", number), dropout=need("dropout", number, 0.0),
-                        rslora=need("rslora", bool, False), also_train=need("also_train", list, []),
+                        rslora=need("rslora", bool, False), dora=need("dora", bool, False),
+                        also_train=need("also_train", list, []),
                         rank_pattern=need("rank_pattern", dict, {}) or {},
                         alpha_pattern=need("alpha_pattern", dict, {}) or {})
         modules = need("modules", list)
@@ -218,10 +225,12 @@ def _check_adapter_fits(model, directory, weights, settings, modules, state, exi
         r = existing[name].r if name in existing else pattern_value(settings["rank_pattern"], name, settings["r"])
         expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
         expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
+        if settings["dora"]:
+            expected[f"{name}.lora_magnitude_vector.weight"] = (layer.out_features,)
     params = dict(model.named_parameters())
     for key, tensor in state.items():
         plain = key if key in params else key.replace(".base_layer.", ".")  # a bias inside a layer LoRA will wrap
-        shape = expected.get(key) or (tuple(params[plain].shape) if plain in params and ".lora_" not in key else None)
+        shape = expected.get(key) or (tuple(params[plain].shape) if plain in params and not is_lora_key(key) else None)
         if shape is None:
             raise ValueError(f"{weights}: tensor {key!r} has no place in this model (a different base model?)")
         if tuple(tensor.shape) != tuple(shape):
@@ -236,4 +245,16 @@ def _from_peft_key(key: str, where: str = "PEFT adapter") -> str:
     if not key.startswith(PEFT_PREFIX):
         raise ValueError(f"{where}: unexpected key {key!r} (expected the prefix {PEFT_PREFIX!r})")
     key = key[len(PEFT_PREFIX):]
+    key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector.weight", key)
     return re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1.weight", key)
+
+
+def _to_peft_key(name: str) -> str:
+    """PEFT writes DoRA's magnitude without `.weight` (`...q_proj.lora_magnitude_vector`); A and B with it."""
+    if name.endswith(".lora_magnitude_vector.weight"):
+        name = name[:-len(".weight")]
+    return PEFT_PREFIX + name
+
+
+def is_lora_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name

@@ -38,6 +38,7 @@ from .models import check_length, freeze_unused_pooler, resolve_special_tokens
 from .noise import NoiseConfig, add_noise
 from .optim import build_adamw, build_scheduler, describe_groups, param_groups
 from .outputs import RunLock, claim_for_fresh_run
+from .int4 import set_compute_dtype
 from .precision import Precision
 from .runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
                        finish, subset)
@@ -70,6 +71,7 @@ class Engine:
         self.tokens = resolve_special_tokens(model, tokenizer)
         freeze_unused_pooler(model, self._log)
         self.model = model.to(self.device)
+        set_compute_dtype(self.model, self.precision.dtype or torch.float32)  # 4-bit bases compute in the precision's dtype
         self.train_model, self.sharded = self.model, False  # under torchrun: the DDP wrapper / FSDP-sharded model
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)

@@ -5,7 +5,8 @@ state dict has keys its transformers class does not know (`q_proj.base_layer.wei
 `q.base.weight`). `plain_state_dict` writes every wrapped layer back under the plain layer's names:
 
     LoRA          W + (alpha / r) B A   (nothing added when the layer is merged already)
-    int8          the dequantised float weight (row * scale / 127)
+    DoRA          m / ||W + (alpha / r) B A||_row * (W + (alpha / r) B A)
+    int8, 4-bit   the dequantised float weight
     added bias    the base weight, and the bias beside it (`q.bias`) - which T5's class has no place for
 
 A model saved this way (`save_plain`) reloads with `from_pretrained` and computes what the trained model
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from .freeze import LinearWithAddedBias
-from .lora import LoRALinear, is_int8, lora_layers
+from .lora import LoRALinear, lora_layers, merged_weight
+from .quant import is_quantized
 from .outputs import OutputDirError, replace_dir
 
 MARKER = "finetune_model.json"  # written into every model folder the engine saves; its presence makes loading strict
@@ -32,7 +34,7 @@ MARKER = "finetune_model.json"  # written into every model folder the engine sav
 
 def _float_linear(module: nn.Module, state: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) in float of a plain, int8 or added-bias linear layer found at `prefix` in `state`."""
-    if is_int8(module):
+    if is_quantized(module):
         plain = module.dequantize()
         return plain.weight.detach(), None if plain.bias is None else plain.bias.detach()
     if isinstance(module, LinearWithAddedBias):
@@ -49,7 +51,7 @@ def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[
     for name, module in model.named_modules():
         if id(module) in inside:
             continue
-        if isinstance(module, (LoRALinear, LinearWithAddedBias)) or is_int8(module):
+        if isinstance(module, (LoRALinear, LinearWithAddedBias)) or is_quantized(module):
             wrappers[name] = module
             inside.update(id(m) for m in module.modules() if m is not module)
     added_biases = []
@@ -61,8 +63,9 @@ def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[
             if isinstance(module.base_layer, LinearWithAddedBias):
                 added_biases.append(name)
             if not module.merged:
-                delta = state[prefix + "lora_B.weight"].float() @ state[prefix + "lora_A.weight"].float()
-                weight = (weight.float() + module.scaling * delta).to(weight.dtype)
+                magnitude = state[prefix + "lora_magnitude_vector.weight"] if module.dora else None
+                weight = merged_weight(weight, state[prefix + "lora_A.weight"], state[prefix + "lora_B.weight"],
+                                       module.scaling, magnitude).to(weight.dtype)
         else:
             weight, bias = _float_linear(module, state, prefix)
             if isinstance(module, LinearWithAddedBias):

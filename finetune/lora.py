@@ -19,20 +19,50 @@ from torch import nn
 from .families import family_of
 from .freeze import freeze_all, unfreeze
 from .patterns import compile_patterns
+from .quant import is_quantized
 
+
+
+class Magnitude(nn.Module):
+    """DoRA's trainable magnitude: one value per output row (PEFT's `lora_magnitude_vector`, whose only tensor is
+    `.weight`, so the adapter keys match PEFT's by the same fixed rule as lora_A / lora_B)."""
+
+    def __init__(self, norm: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(norm)
+
+
+def float_weight(base: nn.Module) -> torch.Tensor:
+    """The weight a (plain or quantised) linear layer computes with, as a float tensor (dequantised if need be)."""
+    if is_quantized(base):
+        return base.dequantized_weight()
+    return base.weight
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain weight a LoRA layer computes with, in float32: W + s B A; with DoRA's magnitude m,
+    m / ||W + s B A||_row * (W + s B A) (Liu et al., 2024; PEFT's merge)."""
+    merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
+    if magnitude is not None:
+        merged = (magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+    return merged
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05, rslora: bool = False):
+    """A frozen linear layer (float, int8 or 4-bit) plus a trainable low-rank update; with `dora=True`, DoRA."""
+
+    def __init__(self, base: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05, rslora: bool = False,
+                 dora: bool = False):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRALinear: r must be >= 1, got {r}")
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.r, self.alpha, self.rslora, self.dora = r, alpha, rslora, bool(dora)
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         weight = base.weight
-        float_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        float_dtype = weight.dtype if weight.dtype.is_floating_point and not is_quantized(base) else torch.float32
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=float_dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=float_dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -41,21 +71,64 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.merged = False
+        self._norm_cache = (None, None)  # (base weight version, ||W||^2 per row) - DoRA
+        self._merged_norm = None
+        if self.dora:
+            with torch.no_grad():  # B = 0: the magnitude starts at the base's row norms, so the output is unchanged
+                norm = torch.linalg.norm(float_weight(base).float(), dim=1)
+            self.lora_magnitude_vector = Magnitude(norm.to(float_dtype))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def _base_sq_norm(self) -> torch.Tensor:
+        """||W||^2 per output row of the frozen base, computed once and again only if the base weight changes
+        (merge, a loaded state dict: the tensor's version counter says so)."""
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version, weight.device)
+        if self._norm_cache[0] != key:
+            with torch.no_grad():
+                self._norm_cache = (key, float_weight(self.base_layer).float().pow(2).sum(dim=1))
+        return self._norm_cache[1]
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ||W + s B A|| per output row, in float32, without gradient (Liu et al., 2024, section 4.3: a
+        constant in backward). Expanded as ||W||^2 + 2s <W, BA>_row + s^2 ||BA||^2_row, so the frozen base's own
+        norm is computed once (`_base_sq_norm`) and no (out x in) matrix W + s B A is formed per step."""
+        with torch.no_grad(), torch.autocast(self.lora_A.weight.device.type, enabled=False):
+            a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+            w_at = float_weight(self.base_layer).float() @ a.t()  # (out, r) = W A^T
+            cross = (b * w_at).sum(dim=1)
+            ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
+            s = self.scaling
+            return (self._base_sq_norm() + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged:
             return out
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return out + (update * self.scaling).to(out.dtype)
+        x = x.to(self.lora_A.weight.dtype)
+        dropped = self.lora_dropout(x)
+        update = self.lora_B(self.lora_A(dropped))
+        if not self.dora:
+            return out + (update * self.scaling).to(out.dtype)
+        # DoRA as PEFT computes it: m / ||W + sBA|| * (W x + s B A x) + bias, the base output reused - unless
+        # dropout is active, when the base term takes the dropped input, as the low-rank term does.
+        scale = (self.lora_magnitude_vector.weight / self.weight_norm()).view(1, -1)
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = out if bias is None else out - bias
+        elif is_quantized(self.base_layer):
+            base = self.base_layer(dropped)
+            base = base if bias is None else base - bias
+        else:
+            base = nn.functional.linear(dropped, self.base_layer.weight)
+        return out + ((scale - 1) * base + scale * update * self.scaling).to(out.dtype)
 
     def _base_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"LoRALinear: cannot merge into a {weight.dtype} base weight (an int8 base); use "
+        if is_quantized(self.base_layer) or not weight.dtype.is_floating_point:
+            raise TypeError(f"LoRALinear: cannot merge into a quantised base weight ({weight.dtype}); use "
                             "merge_lora(model), which dequantises the base first")
         return weight
 
@@ -64,7 +137,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         weight = self._base_weight()
-        weight += self.delta_weight().to(weight.dtype)
+        if self.dora:
+            self._merged_norm = self.weight_norm()  # unmerge needs the norm of the unmerged weight
+            weight.copy_(merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                       self.lora_magnitude_vector.weight).to(weight.dtype))
+        else:
+            weight += self.delta_weight().to(weight.dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -72,12 +150,17 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self._base_weight()
-        weight -= self.delta_weight().to(weight.dtype)
+        if self.dora:
+            factor = (self.lora_magnitude_vector.weight.float() / self._merged_norm).view(-1, 1)
+            weight.copy_((weight.float() / factor - self.delta_weight().float()).to(weight.dtype))
+            self._merged_norm = None
+        else:
+            weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{', rslora' if self.rslora else ''}, "
-                f"merged={self.merged}")
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{', rslora' if self.rslora else ''}"
+                f"{', DoRA' if self.dora else ''}, merged={self.merged}")
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -92,15 +175,10 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Linear layers by module name: nn.Linear and the Int8Linear wrapper, not the parts inside wrappers."""
     inside = set()
     for module in model.modules():
-        if isinstance(module, LoRALinear) or is_int8(module):
+        if isinstance(module, LoRALinear) or is_quantized(module):
             inside.update(id(m) for m in module.modules() if m is not module)
     return {name: m for name, m in model.named_modules()
-            if name and id(m) not in inside and (isinstance(m, (nn.Linear, LoRALinear)) or is_int8(m))}
-
-
-def is_int8(module: nn.Module) -> bool:
-    """An Int8Linear (finetune.int8), recognised without importing bitsandbytes."""
-    return getattr(type(module), "is_int8_linear", False)
+            if name and id(m) not in inside and (isinstance(m, (nn.Linear, LoRALinear)) or is_quantized(m))}
 
 
 def pattern_value(patterns: dict, name: str, default):
@@ -114,12 +192,14 @@ def pattern_value(patterns: dict, name: str, default):
 
 def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05,
                also_train=(), rslora: bool = False, exclude=(), rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None) -> list[str]:
+               alpha_pattern: dict | None = None, dora: bool = False) -> list[str]:
     """Wrap the linear layers whose module name matches a target regex; freeze everything else.
 
     `also_train` regexes name parameters that train in full beside the adapters (e.g. bert2bert's new
     cross-attention); `exclude` regexes name modules never to wrap. `rank_pattern` / `alpha_pattern` give
-    some layers another r / alpha (PEFT's keys and matching rule, `pattern_value`). A target that matches no
+    some layers another r / alpha (PEFT's keys and matching rule, `pattern_value`). `dora=True` adds DoRA's
+    trainable magnitude per output row (Liu et al., 2024; PEFT's `use_dora`). Bases may be float, int8 or
+    4-bit (finetune.int8, finetune.int4). A target that matches no
     linear layer is an error naming it. Returns the wrapped module names. The settings are kept on
     `model.lora_config` for `save_adapter`.
     """
@@ -128,6 +208,8 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
             raise ValueError(f"apply_lora: {what} must be a finite number, got {value!r}")
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"apply_lora: r must be an integer >= 1, got {r!r}")
+    if not isinstance(dora, bool):
+        raise ValueError(f"apply_lora: dora must be true or false, got {dora!r}")
     if alpha <= 0:
         raise ValueError(f"apply_lora: alpha must be > 0, got {alpha!r}")
     if not 0 <= dropout < 1:
@@ -163,7 +245,7 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, r=pattern_value(rank_pattern, name, r),
                                           alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
-                                          rslora=rslora))
+                                          rslora=rslora, dora=dora))
     unmatched = [p for p, names in hits.items() if not names]
     if unmatched:
         raise ValueError(f"apply_lora: target pattern(s) {unmatched} match no linear layer "
@@ -173,10 +255,12 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
         if isinstance(module, LoRALinear):
             module.lora_A.weight.requires_grad_(True)
             module.lora_B.weight.requires_grad_(True)
+            if module.dora:
+                module.lora_magnitude_vector.weight.requires_grad_(True)
     if also_train:
         unfreeze(model, also_train)
     wrapped = sorted({n for names in hits.values() for n in names})
-    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": targets,
+    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "dora": dora, "targets": targets,
                          "also_train": list(also_train), "modules": wrapped, "rank_pattern": rank_pattern,
                          "alpha_pattern": alpha_pattern}
     return wrapped
@@ -195,7 +279,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     `save_pretrained` writes and `from_pretrained` loads with the same outputs. Works in place."""
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
-        if is_int8(base):  # an int8 base: dequantise to a float nn.Linear first
+        if is_quantized(base):  # an int8 / 4-bit base: dequantise to a float nn.Linear first
             base = base.dequantize()
             layer.base_layer = base
         layer.merge()

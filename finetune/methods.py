@@ -8,6 +8,8 @@ CLI, run files, examples and benchmarks all read it. Adding a method is one `@re
     bitfit          only biases (T5: zero-initialised added biases with add_missing_biases=True)
     lora            LoRA adapters on the family's default (or given) targets; the rest frozen
     int8-lora       int8 base weights (bitsandbytes) under LoRA adapters
+    dora            LoRA with DoRA's trained magnitude per output row (Liu et al., 2024)
+    qlora           4-bit base weights (bitsandbytes NF4 or FP4, double quantisation) under LoRA adapters
 
 `new_tensors` (a warm-started bert2bert's cross-attention and LM-head transform: the names its load report
 gave as missing) always train in full: they start from random values, and no method may leave them random.
@@ -77,21 +79,40 @@ def bitfit_method(model: nn.Module, new_tensors=(), add_missing_biases: bool = F
 
 @register("lora")
 def lora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
-         lora_dropout: float = 0.05) -> None:
+         lora_dropout: float = 0.05, dora: bool = False) -> None:
     from .lora import apply_lora
 
     new_modules = exact_names_pattern({n.rsplit(".", 1)[0] for n in new_tensors})
     apply_lora(model, targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-               also_train=_new(new_tensors), exclude=[new_modules] if new_modules else ())
+               also_train=_new(new_tensors), exclude=[new_modules] if new_modules else (), dora=dora)
 
 
 @register("int8-lora")
 def int8_lora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
               lora_dropout: float = 0.05, int8_threshold: float = 6.0) -> None:
-    from .int8 import prepare_int8_training, quantize_int8
+    from .int8 import quantize_int8
+    from .quant import prepare_quantized_training
 
     quantize_int8(model, skip=_new(new_tensors), threshold=int8_threshold)  # new tensors train in full: keep float
-    prepare_int8_training(model)
+    prepare_quantized_training(model)
+    lora(model, new_tensors, lora_targets, lora_r, lora_alpha, lora_dropout)
+
+
+@register("dora")
+def dora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
+         lora_dropout: float = 0.05) -> None:
+    lora(model, new_tensors, lora_targets, lora_r, lora_alpha, lora_dropout, dora=True)
+
+
+@register("qlora")
+def qlora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
+          lora_dropout: float = 0.05, quant_type: str = "nf4", double_quant: bool = True) -> None:
+    """4-bit base weights (the compute dtype follows the engine's precision) under LoRA adapters."""
+    from .int4 import quantize_4bit
+    from .quant import prepare_quantized_training
+
+    quantize_4bit(model, skip=_new(new_tensors), quant_type=quant_type, double_quant=double_quant)
+    prepare_quantized_training(model)
     lora(model, new_tensors, lora_targets, lora_r, lora_alpha, lora_dropout)
 
 

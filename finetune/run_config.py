@@ -3,7 +3,8 @@
     [model]   name = "minilm" | "tiny-bart" | "tiny-t5" | "tiny-bert2bert" | a folder or hub name
               bert2bert = true   (warm-start an EncoderDecoderModel from the BERT checkpoint `name`)
               new_lr = 1e-3      (learning rate of the newly initialised tensors)
-    [method]  name = "full" | "frozen-encoder" | "bitfit" | "lora" | "int8-lora", and its settings
+    [method]  name = "full" | "frozen-encoder" | "bitfit" | "lora" | "int8-lora" | "dora" | "qlora", and its
+              settings
     [data]    train = "file.jsonl" | "codespell:train", eval = ..., train_limit / eval_limit
     [train]   any TrainConfig field
     [noise]   any NoiseConfig field (optional)
@@ -46,10 +47,14 @@ class MethodSection:
     lora_dropout: float = 0.05
     add_missing_biases: bool = False
     int8_threshold: float = 6.0
+    quant_type: str = "nf4"
+    double_quant: bool = True
 
     def __post_init__(self):
         if self.name not in METHODS:
             raise ValueError(f"[method] name = {self.name!r}: choose one of {', '.join(METHODS)}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"[method] quant_type = {self.quant_type!r}: choose \"nf4\" or \"fp4\"")
         for key in self.settings():
             if key not in settings_of(self.name):
                 raise ValueError(f"[method] {key}: method {self.name!r} has no such setting (its settings: "
@@ -59,7 +64,8 @@ class MethodSection:
         """The method's settings that differ from their defaults (what the run file set)."""
         defaults = MethodSection.__dataclass_fields__
         return {k: getattr(self, k) for k in ("lora_targets", "lora_r", "lora_alpha", "lora_dropout",
-                                              "add_missing_biases", "int8_threshold")
+                                              "add_missing_biases", "int8_threshold", "quant_type",
+                                              "double_quant")
                 if getattr(self, k) != defaults[k].default}
 
 

@@ -57,7 +57,7 @@ def test_train_eval_generate_report(tmp_path, capsys):
     assert (out / "report.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("method", ["bitfit", "lora", "frozen-encoder"])
+@pytest.mark.parametrize("method", ["bitfit", "lora", "frozen-encoder", "dora", "qlora"])
 def test_train_methods(tmp_path, method):
     config, _, out = write_run(tmp_path, method)
     assert main(["train", str(config), "--set", "train.epochs=1"]) == 0
@@ -70,6 +70,9 @@ def test_train_methods(tmp_path, method):
     ("[train]\nlr = \"fast\"\n", r"\[train\]: key 'lr' has str 'fast'"),
     ("[method]\nname = \"prefix-tuning\"\n", r"\[method\]: \[method\] name = 'prefix-tuning': choose one of"),
     ("[method]\nlora_rank = 4\n", r"\[method\]: unknown key 'lora_rank'"),
+    ("[method]\nname = \"qlora\"\nquant_type = \"nf5\"\n", r"\[method\]: \[method\] quant_type = 'nf5': choose"),
+    ("[method]\nname = \"qlora\"\ndouble_quant = 1\n", r"\[method\]: key 'double_quant' has int 1"),
+    ("[method]\nname = \"lora\"\nquant_type = \"fp4\"\n", r"method 'lora' has no such setting"),
     ("[modle]\nname = \"x\"\n", r"unknown section \[modle\]"),
     ("[train]\nlr = \n", r"invalid TOML.*line 2"),
     ("[noise]\nmask_rate = 2.0\n", r"\[noise\]: NoiseConfig.mask_rate=2.0"),

@@ -29,7 +29,7 @@ def test_bitfit_bart_default_offline_says_what_to_do(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "frozen-encoder", "int8-lora"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "frozen-encoder", "int8-lora", "dora", "qlora"])
 def test_spelling_example_smoke(tmp_path, method):
     out = run("spelling_bert2bert.py", "--model", "tiny", "--method", method, "--max-steps", "4", "--train-size",
               "64", "--eval-size", "8", "--valid-size", "8", "--eval-every", "2", "--num-beams", "1",
@@ -54,6 +54,14 @@ def test_lora_int8_flan_t5_tiny(tmp_path):
     assert (tmp_path / "adapter_peft" / "adapter_model.safetensors").exists()
 
 
+def test_qlora_flan_t5_tiny(tmp_path):
+    out = run("lora_int8_flan_t5.py", "--model", "tiny", "--method", "qlora", "--max-steps", "3", "--train-size", "32",
+              "--eval-size", "4", "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "quantize_4bit (nf4):" in out.stdout and "exact match" in out.stdout
+    assert (tmp_path / "adapter_peft" / "adapter_model.safetensors").exists()
+
+
 def test_lora_int8_flan_t5_default_offline_says_what_to_do(tmp_path):
     out = run("lora_int8_flan_t5.py", "--output-dir", str(tmp_path))
     assert out.returncode == 2 and "google/flan-t5-base" in out.stderr and "Traceback" not in out.stderr
@@ -64,3 +72,14 @@ def test_bert2bert_summarization_smoke(tmp_path, model):
     out = run("bert2bert_summarization.py", "--model", model, "--smoke", "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "ROUGE-1" in out.stdout and "generated:" in out.stdout
+
+
+def test_spelling_compare_tiny_writes_table_and_chart(tmp_path):
+    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--max-steps", "2", "--train-size", "32",
+              "--eval-size", "4", "--valid-size", "4", "--eval-every", "1", "--num-beams", "1",
+              "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    table = (tmp_path / "compare.md").read_text()
+    from finetune.methods import METHODS
+    assert all(f"| {m} |" in table for m in METHODS) and "training min" in table
+    assert (tmp_path / "compare.png").stat().st_size > 0

@@ -39,10 +39,15 @@ def test_zero_update_at_init_and_defaults(family):
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
-def test_merge_unmerge_round_trip():
-    model, tok = build("bart")
-    apply_lora(model, r=4, alpha=8)
+@pytest.mark.parametrize("family, dora", [("bart", False), ("bart", True), ("t5", True), ("bert2bert", True)])
+def test_merge_unmerge_round_trip(family, dora):
+    model, tok = build(family)
+    apply_lora(model, r=4, alpha=8, dora=dora)
     randomise_b(model)
+    if dora:  # magnitudes off their initial row norms
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_magnitude_vector.weight.mul_(1.1)
     layer = next(iter(lora_layers(model).values()))
     original = layer.base_layer.weight.clone()
     adapted = logits(model, tok)
@@ -53,6 +58,9 @@ def test_merge_unmerge_round_trip():
         m.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, original, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model, tok), adapted, atol=1e-6, rtol=0)
+    merge_lora(model)  # the plain layers back, the update folded in
+    assert not lora_layers(model)
+    torch.testing.assert_close(logits(model, tok), adapted, atol=1e-5, rtol=0)
 
 
 def test_rslora_scaling():

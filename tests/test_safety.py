@@ -340,14 +340,18 @@ def test_a_failed_adapter_load_leaves_the_model_untouched(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_unsupported_peft_settings_are_refused_not_ignored(tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("bias", "all", "bias='all'"), ("lora_bias", True, "lora_bias=True"),
+    ("use_dora", True, "missing LoRA tensors .*lora_magnitude_vector"),  # DoRA is supported: its magnitudes are not there
+])
+def test_unsupported_peft_settings_are_refused_not_ignored(tmp_path, key, value, message):
     _, _, folder = _adapter(tmp_path)
     path = os.path.join(folder, "adapter_config.json")
     meta = json.load(open(path))
-    meta["use_dora"] = True
+    meta[key] = value
     json.dump(meta, open(path, "w"))
     model, _ = tiny_bart()
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match=message):
         load_adapter(model, folder)
 
 
