@@ -79,7 +79,9 @@ def linear_flops_per_sample(model, src_len: int, tgt_len: int) -> float:
             continue
         if weight is None or weight.dim() != 2:
             continue
-        out_f, in_f = weight.shape
+        out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
+        if out_f is None:
+            out_f, in_f = weight.shape  # (a 4-bit weight is packed: its shape is not the layer's)
         tokens = src_len if "encoder" in name.split(".")[:2] else tgt_len
         passes = 2 + (1 if weight.requires_grad else 0)
         total += 2 * in_f * out_f * tokens * passes

@@ -32,7 +32,7 @@ from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
 from finetune.freeze import freeze  # noqa: E402
 from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
-from finetune.models import bert2bert_by_name  # noqa: E402
+from finetune.models import bert2bert_by_name, set_dropout  # noqa: E402
 
 
 # each method's learning rate for the pretrained tensors it trains (benchmarks/results/spelling_recipes: full
@@ -71,6 +71,9 @@ def main(argv=None):
                     help="replace the outputs of an earlier run in --output-dir (otherwise refused)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare", action="store_true", help="run every method (each in its own process) and tabulate")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="with --compare: the methods to run now; the table also takes the other methods' results "
+                         "already in --output-dir")
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compare:
@@ -120,9 +123,12 @@ def main(argv=None):
     print("edit distance | pairs | exact match")
     for b, v in metrics["by_edit_distance"].items():
         print(f"{b:>13} | {v['n']:>5} | {v['exact_match']:.3f}")
-    sources = [s for s, _ in test[:8]]
-    for (s, t), p in zip(test[:8], engine.generate(sources)):
-        print(f"  {s!r:>22} -> {p!r:<22} (want {t!r})")
+    with open(os.path.join(args.output_dir, "test_predictions.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    for label, correct in (("corrected", True), ("missed", False)):  # the first five of each, in test order
+        print(f"{label}:")
+        for r in [r for r in rows if r["correct"] == correct][:5]:
+            print(f"  {r['source']!r:>22} -> {r['prediction']!r:<22}" + ("" if correct else f" (want {r['target']!r})"))
     if args.result_json:
         steps = engine.global_step
         with open(args.result_json, "w", encoding="utf-8") as f:
@@ -134,17 +140,6 @@ def main(argv=None):
                                  if "exact_match" in r and not r.get("final")],
                        "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name}, f)
     return 0
-
-
-def set_dropout(model, p: float) -> None:
-    """Every dropout layer of the model (hidden, attention; encoder and decoder) to probability p."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
-    for config in (model.config.encoder, model.config.decoder) if hasattr(model.config, "encoder") else (model.config,):
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
-            if hasattr(config, key):
-                setattr(config, key, p)
 
 
 def cpu_description() -> str:
@@ -165,17 +160,26 @@ def cpu_description() -> str:
 def compare(args, argv):
     """Every method in a fresh process (so each peak memory is its own), then one table, markdown and PNG."""
     os.makedirs(args.output_dir, exist_ok=True)
-    passthrough = [a for a in argv if a != "--compare"]
+    passthrough, skip = [], 0
+    for a in argv:  # everything but --compare and --methods (and its values)
+        if skip and not a.startswith("--"):
+            continue
+        skip = a == "--methods"
+        if a not in ("--compare", "--methods"):
+            passthrough.append(a)
     results = []
     for method in METHODS:
         out = os.path.join(args.output_dir, method)
         result = os.path.join(out, "result.json")
-        os.makedirs(out, exist_ok=True)
-        # argparse keeps the last value of a repeated flag: these override the user's --method / --output-dir
-        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
-               "--output-dir", out, "--result-json", result]
-        print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True)
+        if method in args.methods:
+            os.makedirs(out, exist_ok=True)
+            # argparse keeps the last value of a repeated flag: these override the user's --method / --output-dir
+            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
+                   "--output-dir", out, "--result-json", result]
+            print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True)
+        elif not os.path.exists(result):
+            continue  # neither run now nor earlier: not in the table
         with open(result, encoding="utf-8") as f:
             results.append(json.load(f))
     table = markdown_table(results)

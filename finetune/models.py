@@ -283,5 +283,25 @@ def bert2bert_by_name(name: str) -> Bert2Bert:
     return built
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout layer of the model (hidden, attention; encoder and decoder) to probability p, and the configs
+    to match (so a saved model reloads with it)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+            "activation_dropout", "dropout_rate")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):  # BERT, T5
+            module.p = float(p)
+        for key in keys:  # BART keeps its rates as floats on the layers (functional dropout)
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, float(p))
+    configs = [model.config] + [getattr(model.config, k) for k in ("encoder", "decoder") if hasattr(model.config, k)]
+    for config in configs:
+        for key in keys:
+            if hasattr(config, key):
+                setattr(config, key, float(p))
+
+
 # Models built from configs (tiny ones for tests, base-sized ones for benchmarks): finetune/builders.py
 from .builders import base_sized, char_tokenizer, tiny_bart, tiny_bert2bert, tiny_t5  # noqa: E402,F401

@@ -3,6 +3,7 @@
     [model]   name = "minilm" | "tiny-bart" | "tiny-t5" | "tiny-bert2bert" | a folder or hub name
               bert2bert = true   (warm-start an EncoderDecoderModel from the BERT checkpoint `name`)
               new_lr = 1e-3      (learning rate of the newly initialised tensors)
+              dropout = 0.0      (every dropout layer of the model; default: the checkpoint's)
     [method]  name = "full" | "frozen-encoder" | "bitfit" | "lora" | "int8-lora" | "dora" | "qlora", and its
               settings
     [data]    train = "file.jsonl" | "codespell:train", eval = ..., train_limit / eval_limit
@@ -34,6 +35,11 @@ class ModelSection:
     name: str = "minilm"
     bert2bert: bool = False
     new_lr: float | None = None
+    dropout: float | None = None  # every dropout layer of the model (None: the checkpoint's own)
+
+    def __post_init__(self):
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"[model] dropout = {self.dropout!r}: must be in [0, 1)")
 
 
 @dataclass
@@ -204,6 +210,10 @@ def build_run(run: RunConfig) -> BuiltRun:
     from .methods import apply_method, new_tensor_lr
 
     model, tokenizer, new = build_model(run.model)
+    if run.model.dropout is not None:
+        from .models import set_dropout
+
+        set_dropout(model, run.model.dropout)
     apply_method(model, run.method.name, new, **run.method.settings())
     if run.method.freeze:
         freeze(model, run.method.freeze)

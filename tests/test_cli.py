@@ -70,6 +70,7 @@ def test_train_methods(tmp_path, method):
     ("[train]\nlr = \"fast\"\n", r"\[train\]: key 'lr' has str 'fast'"),
     ("[method]\nname = \"prefix-tuning\"\n", r"\[method\]: \[method\] name = 'prefix-tuning': choose one of"),
     ("[method]\nlora_rank = 4\n", r"\[method\]: unknown key 'lora_rank'"),
+    ("[model]\ndropout = 1.5\n", r"\[model\]: \[model\] dropout = 1.5: must be in \[0, 1\)"),
     ("[method]\nname = \"qlora\"\nquant_type = \"nf5\"\n", r"\[method\]: \[method\] quant_type = 'nf5': choose"),
     ("[method]\nname = \"qlora\"\ndouble_quant = 1\n", r"\[method\]: key 'double_quant' has int 1"),
     ("[method]\nname = \"lora\"\nquant_type = \"fp4\"\n", r"method 'lora' has no such setting"),
@@ -83,6 +84,36 @@ def test_config_errors_name_the_key(tmp_path, body, message):
     path.write_text(body)
     with pytest.raises(ValueError, match=message):
         load_run_config(str(path))
+
+
+def test_model_dropout_reaches_every_dropout_layer(tmp_path):
+    import torch
+
+    from finetune.run_config import build_run
+
+    config, _, _ = write_run(tmp_path)
+    run = load_run_config(str(config), ["model.dropout=0.0"])
+    model = build_run(run).model
+    assert model.config.dropout == 0.0 and model.config.attention_dropout == 0.0
+    rates = [getattr(m, k) for m in model.modules() for k in ("dropout", "attention_dropout", "activation_dropout")
+             if isinstance(getattr(m, k, None), float)]  # BART: functional dropout at rates kept on the layers
+    assert rates and all(r == 0.0 for r in rates)
+    model.train()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 2]]), "labels": torch.tensor([[8, 9, 2]])}
+    assert torch.equal(model(**batch).logits, model(**batch).logits)  # no dropout left: training mode is exact
+
+
+def test_set_dropout_on_bert2bert_and_t5():
+    import torch
+
+    from finetune.models import set_dropout, tiny_bert2bert, tiny_t5
+
+    for model, _ in (tiny_bert2bert(), tiny_t5()):
+        set_dropout(model, 0.0)
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert layers and all(m.p == 0.0 for m in layers)
+    with pytest.raises(ValueError, match="dropout must be a number in"):
+        set_dropout(model, 1.0)
 
 
 def test_set_overrides_and_bad_set(tmp_path):
