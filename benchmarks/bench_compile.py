@@ -3,9 +3,9 @@
     python benchmarks/bench_compile.py --model bart-base --batch-size 16 --src-len 32 --tgt-len 16
 
 Runs `Engine.train_step` on the same synthetic batches as bench_train.py, with the model as it is and with
-`torch.compile(model)` (inductor, default mode) as the module the step calls; prints compile/warm-up time and
-samples/s after warm-up. The engine offers no compile option because this probe found no gain on the CPU the
-figures in the README come from; rerun it where you train.
+`Engine.compile()` (torch.compile, inductor, default mode: the module the step calls); prints compile/warm-up time
+and samples/s after warm-up. The fit loop does not compile by default because this probe found no gain on the CPU
+the figures in the README come from; rerun it where you train.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def worker(args) -> dict:
     import torch
 
-    from bench_train import build, synthetic_examples
+    from bench_train import build, synthetic_examples_for
     from finetune import Engine, TrainConfig
 
     torch.manual_seed(0)
@@ -32,11 +32,11 @@ def worker(args) -> dict:
                       save_model=False, device="cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine(model, tok, cfg)
     if args.mode == "compile":
-        engine.train_model = torch.compile(engine.model)
+        engine.compile()
     model.train()
     total = args.warmup + args.steps
     engine.build_optimizer(total, 0)
-    examples = synthetic_examples(args.batch_size * total, args.src_len, args.tgt_len, len(tok), 0, tok.eos_token_id)
+    examples = synthetic_examples_for(model, tok, args.batch_size * total, args.src_len, args.tgt_len)
     windows = [[engine.collate(examples[i * args.batch_size:(i + 1) * args.batch_size])] for i in range(total)]
     start = time.perf_counter()
     for w in windows[:args.warmup]:

@@ -67,6 +67,13 @@ def synthetic_examples(n: int, src_len: int, tgt_len: int, vocab: int, seed: int
                     [rng.randrange(5, vocab) for _ in range(tgt_len - 1)] + [eos]) for _ in range(n)]
 
 
+def synthetic_examples_for(model, tok, n: int, src_len: int, tgt_len: int):
+    """`synthetic_examples` over the model's own vocabulary, ended by the tokenizer's eos (BERT's: [SEP])."""
+    vocab = model.get_input_embeddings().num_embeddings
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    return synthetic_examples(n, src_len, tgt_len, vocab, 0, eos)
+
+
 def linear_flops_per_sample(model, src_len: int, tgt_len: int) -> float:
     import torch
 
@@ -261,10 +268,8 @@ def worker(cfg: dict) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, new = build(cfg["model"])
     cfg["new"] = new
-    vocab = model.get_input_embeddings().num_embeddings
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     n = (cfg["warmup"] + cfg["steps"]) * cfg["batch_size"]
-    examples = synthetic_examples(n, cfg["src_len"], cfg["tgt_len"], vocab, 0, eos)
+    examples = synthetic_examples_for(model, tok, n, cfg["src_len"], cfg["tgt_len"])
     if cfg["engine"] == "ours":
         apply(model, cfg["method"], new)
     from finetune.freeze import trainable_report

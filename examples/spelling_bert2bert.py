@@ -12,9 +12,10 @@ The recipe (benchmarks/spelling_recipes.py holds the search, README the table): 
 pretrained at --lr (2e-4 for full fine-tuning; METHOD_LR for the others: one rate cannot serve both); no dropout
 (MiniLM's 0.1 cost 11 points of exact match in this one-epoch budget); label smoothing 0.1; the whole training
 split, batch 64, 800 steps (0.96 epoch) with 5% warm-up and linear decay, precision "auto" (bf16 where the CPU
-has bf16 units, else fp32). Every 200 steps a greedy evaluation on 500 validation pairs; the best one's weights are kept and end
-in model/. The final report: the test split (all of it by default), beam search, exact match by edit distance,
-wall time, samples/s and the CPU. `--compare` runs every method at the same budget, each at its own rate.
+has bf16 units, else fp32). Every 200 steps a greedy evaluation on 500 validation pairs; the best one's weights
+are kept and end in model/. The final report: the test split (all of it by default), beam search, exact match
+by edit distance, wall time, samples/s and the CPU. `--compare` runs every method at the same budget, each at
+its own rate.
 """
 import argparse
 import json
@@ -97,7 +98,8 @@ def main(argv=None):
     test = codespell_pairs("test", limit=args.eval_size, seed=args.seed)
     config = TrainConfig(
         lr=args.lr, lr_overrides=new_tensor_lr(new_names, args.new_lr),
-        weight_decay=0.01, warmup_ratio=args.warmup_ratio, label_smoothing=args.label_smoothing, epochs=max(1, -(-args.max_steps * args.batch_size // len(train))),
+        weight_decay=0.01, warmup_ratio=args.warmup_ratio, label_smoothing=args.label_smoothing,
+        epochs=max(1, -(-args.max_steps * args.batch_size // len(train))),
         max_steps=args.max_steps, batch_size=args.batch_size, precision=args.precision, max_source_length=32,
         max_target_length=32, num_beams=args.num_beams, max_new_tokens=16, seed=args.seed,
         output_dir=args.output_dir, overwrite_output_dir=args.overwrite_output_dir, log_every=20, eval_batch_size=128,
@@ -134,8 +136,8 @@ def main(argv=None):
         with open(args.result_json, "w", encoding="utf-8") as f:
             json.dump({"method": args.method, "trainable": report.trainable, "total": report.total,
                        "exact_match": metrics["exact_match"], "by_edit_distance": metrics["by_edit_distance"],
-                       "samples_per_s": samples_per_s, "train_seconds": train_seconds, "steps": steps, "test_pairs": len(test),
-                       "batch_size": args.batch_size, "lr": args.lr, "new_lr": args.new_lr,
+                       "samples_per_s": samples_per_s, "train_seconds": train_seconds, "steps": steps,
+                       "test_pairs": len(test), "batch_size": args.batch_size, "lr": args.lr, "new_lr": args.new_lr,
                        "curve": [[r["step"], r["exact_match"]] for r in history["eval"]
                                  if "exact_match" in r and not r.get("final")],
                        "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name}, f)

@@ -32,13 +32,13 @@ from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_
 from .export import save_adapter_folder, save_model_folder
 from .freeze import trainable_report
 from .guards import TrainingStopped, check_engine_arguments, check_gradients, count_nonfinite
+from .int4 import set_compute_dtype
 from .loss import TrainingLoss
 from .masks import IGNORE_INDEX
 from .models import check_length, freeze_unused_pooler, resolve_special_tokens
 from .noise import NoiseConfig, add_noise
 from .optim import build_adamw, build_scheduler, describe_groups, param_groups
 from .outputs import RunLock, claim_for_fresh_run
-from .int4 import set_compute_dtype
 from .precision import Precision
 from .runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
                        finish, subset)
@@ -71,7 +71,7 @@ class Engine:
         self.tokens = resolve_special_tokens(model, tokenizer)
         freeze_unused_pooler(model, self._log)
         self.model = model.to(self.device)
-        set_compute_dtype(self.model, self.precision.dtype or torch.float32)  # 4-bit bases compute in the precision's dtype
+        set_compute_dtype(self.model, self.precision.dtype or torch.float32)  # 4-bit bases: the precision's dtype
         self.train_model, self.sharded = self.model, False  # under torchrun: the DDP wrapper / FSDP-sharded model
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)
@@ -149,6 +149,14 @@ class Engine:
         self.optimizer = build_adamw(self.model, groups, lr, cfg.betas, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, schedule or cfg.schedule)
         return self.optimizer, self.scheduler
+
+    def compile(self, **options) -> None:
+        """`torch.compile` the module `train_step` runs (under torchrun, after `prepare`: the DDP / FSDP wrapper);
+        evaluation, generation and saving keep the plain model. `options` go to `torch.compile`."""
+        if self.dist.enabled and self.train_model is self.model and not self.sharded:
+            raise RuntimeError("Engine.compile: under torchrun, call it after prepare(), which wraps the model for "
+                               "DDP / FSDP (a compiled unwrapped model would not synchronise gradients)")
+        self.train_model = torch.compile(self.train_model, **options)
 
     def enable_checkpointing(self):
         """Non-reentrant activation checkpointing: it works when the inputs of the checkpointed blocks do not

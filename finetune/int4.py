@@ -22,8 +22,7 @@ QUANT_TYPES = ("nf4", "fp4")
 
 
 class Int4Linear(QuantizedLinear):
-    """A frozen 4-bit copy of an nn.Linear: forward, `dequantize()` back to float, and a repr that says what it holds."""
-
+    """A frozen 4-bit copy of an nn.Linear: forward, `dequantize()` back to float, and a repr of what it holds."""
 
     def __init__(self, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
                  compute_dtype: torch.dtype | None = None):

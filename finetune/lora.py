@@ -40,12 +40,13 @@ def float_weight(base: nn.Module) -> torch.Tensor:
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                  magnitude: torch.Tensor | None = None) -> torch.Tensor:
+                  magnitude: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
     """The plain weight a LoRA layer computes with, in float32: W + s B A; with DoRA's magnitude m,
-    m / ||W + s B A||_row * (W + s B A) (Liu et al., 2024; PEFT's merge)."""
+    m / ||W + s B A||_row * (W + s B A) (Liu et al., 2024; PEFT's merge). `norm`: that row norm, if known."""
     merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
     if magnitude is not None:
-        merged = (magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+        norm = torch.linalg.norm(merged, dim=1) if norm is None else norm
+        merged = (magnitude.float() / norm).view(-1, 1) * merged
     return merged
 
 
@@ -138,9 +139,9 @@ class LoRALinear(nn.Module):
             return
         weight = self._base_weight()
         if self.dora:
-            self._merged_norm = self.weight_norm()  # unmerge needs the norm of the unmerged weight
+            self._merged_norm = self.weight_norm()  # unmerge divides by the same norm of the unmerged weight
             weight.copy_(merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                       self.lora_magnitude_vector.weight).to(weight.dtype))
+                                       self.lora_magnitude_vector.weight, self._merged_norm).to(weight.dtype))
         else:
             weight += self.delta_weight().to(weight.dtype)
         self.merged = True

@@ -93,6 +93,25 @@ def test_checkpointing_gives_same_loss_and_gradients(tmp_path, family):
     assert layer_grads, "checkpointed layers must still receive gradients"
 
 
+def test_compile_runs_the_same_step(tmp_path):
+    """Engine.compile: train_step runs the compiled module (the eager backend keeps the test fast); loss and
+    gradients equal the uncompiled step's; the plain model stays for saving."""
+    model, tok = build("bart", layers=1)
+    plain = Engine(model, tok, config(tmp_path, max_grad_norm=None))
+    window = batches(plain, SPELLING, 6)
+    (expected,), (loss,) = gradients_of_one_step(plain, [window])
+    model2, tok2 = build("bart", layers=1)
+    model2.load_state_dict(model.state_dict())
+    compiled = Engine(model2, tok2, config(tmp_path, max_grad_norm=None))
+    compiled.compile(backend="eager")
+    assert compiled.train_model is not compiled.model and compiled.model is model2
+    compiled.model.train()
+    (got,), (loss2,) = gradients_of_one_step(compiled, [window])
+    assert loss2 == pytest.approx(loss, abs=1e-6)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_bf16_autocast_on_cpu_trains(tmp_path):
     model, tok = tiny_bart(d_model=64)
     engine = Engine(model, tok, config(tmp_path, lr=3e-3, precision="bf16", device="cpu"))
