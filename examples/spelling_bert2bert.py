@@ -21,8 +21,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -40,6 +42,7 @@ from finetune.models import bert2bert_by_name, set_dropout  # noqa: E402
 # fine-tuning at 2e-4 beat 1e-4 and 3e-4; adapters and biases start from zero or train few tensors: 1e-3)
 METHOD_LR = {"full": 2e-4, "frozen-encoder": 2e-4, "bitfit": 1e-3, "lora": 1e-3, "int8-lora": 1e-3, "dora": 1e-3,
              "qlora": 1e-3}
+PROBE_WINDOW = 20  # steps per training log record; --compare's probe times all but the first of three
 LORA_TARGETS = {"all-linear": (r"\.(query|key|value|dense)$",), "qv": (r"\.(query|value)$",)}
 
 
@@ -64,6 +67,8 @@ def main(argv=None):
                     help="dropout of every layer of the model (the checkpoint's is 0.1; 0 for this one-epoch budget)")
     ap.add_argument("--lora-targets", choices=tuple(LORA_TARGETS), default="all-linear",
                     help="linear layers the adapter methods wrap (all-linear: query, key, value and every dense)")
+    ap.add_argument("--lora-r", type=int, default=16, help="adapter rank of the LoRA methods")
+    ap.add_argument("--lora-alpha", type=float, default=32, help="adapter scale numerator (scale = alpha / r)")
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     ap.add_argument("--num-beams", type=int, default=4)
@@ -75,8 +80,22 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                     help="with --compare: the methods to run now; the table also takes the other methods' results "
                          "already in --output-dir")
+    ap.add_argument("--budget", choices=("time", "steps"), default="time",
+                    help="with --compare: every method trains for the same minutes (default: the minutes full "
+                         "fine-tuning needs for --max-steps, each method's step count set from a timed probe of its "
+                         "steps) or for the same --max-steps")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="with --compare --budget time: the training minutes of every method (default: full "
+                         "fine-tuning's for --max-steps)")
+    ap.add_argument("--probe-steps", type=int, default=None, help=argparse.SUPPRESS)  # compare's timing probe
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for name in ("max_steps", "eval_every", "batch_size", "probe_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.budget_minutes is not None and not 0 < args.budget_minutes < float("inf"):
+        ap.error(f"--budget-minutes must be a number of minutes > 0, got {args.budget_minutes}")
     if args.compare:
         return compare(args, argv if argv is not None else sys.argv[1:])
 
@@ -86,13 +105,17 @@ def main(argv=None):
         set_dropout(model, args.dropout)
     # adapters go on the pretrained linear layers (not on the new cross-attention, which trains in full as every
     # new tensor does), with no dropout of their own in this one-epoch budget
-    settings = {"lora_targets": list(LORA_TARGETS[args.lora_targets]), "lora_dropout": 0.0} \
+    settings = {"lora_targets": list(LORA_TARGETS[args.lora_targets]), "lora_dropout": 0.0, "lora_r": args.lora_r,
+                "lora_alpha": args.lora_alpha} \
         if "lora_targets" in settings_of(args.method) else {}
     apply_method(model, args.method, new_names, **settings)
     args.lr = args.lr or METHOD_LR[args.method]
     if args.freeze:
         freeze(model, args.freeze)
 
+    probe = args.probe_steps is not None
+    if probe:  # --compare's timing probe: train only, no evaluation, outputs in a throwaway folder
+        args.max_steps, args.eval_every, args.output_dir = args.probe_steps, None, tempfile.mkdtemp(prefix="probe-")
     train = codespell_pairs("train", limit=args.train_size, seed=args.seed)
     valid = codespell_pairs("validation", limit=args.valid_size, seed=args.seed)  # a fixed seeded sample
     test = codespell_pairs("test", limit=args.eval_size, seed=args.seed)
@@ -102,14 +125,21 @@ def main(argv=None):
         epochs=max(1, -(-args.max_steps * args.batch_size // len(train))),
         max_steps=args.max_steps, batch_size=args.batch_size, precision=args.precision, max_source_length=32,
         max_target_length=32, num_beams=args.num_beams, max_new_tokens=16, seed=args.seed,
-        output_dir=args.output_dir, overwrite_output_dir=args.overwrite_output_dir, log_every=20, eval_batch_size=128,
-        eval_every=args.eval_every, eval_num_beams=1, best_metric="exact_match",
+        output_dir=args.output_dir, overwrite_output_dir=args.overwrite_output_dir, log_every=PROBE_WINDOW,
+        eval_batch_size=128, eval_every=args.eval_every, eval_num_beams=1, best_metric=None if probe else "exact_match",
     )
     engine = Engine(model, tokenizer, config)
     print(f"{engine.precision} on {cpu_description()}")
     started = time.perf_counter()
-    history = engine.fit(train, eval=valid)
+    history = engine.fit(train, eval=None if probe else valid)
     train_seconds = time.perf_counter() - started
+    if probe:  # the training rate without the first window (warm-up: first calls, allocator growth)
+        windows = history["train"][1:] or history["train"]
+        with open(args.result_json, "w", encoding="utf-8") as f:
+            json.dump({"method": args.method, "steps": engine.global_step,
+                       "samples_per_s": sum(r["samples_per_s"] for r in windows) / len(windows)}, f)
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        return 0
     metrics = engine.evaluate(test, predictions_file="test_predictions.jsonl")
     report = trainable_report(model)
     samples_per_s = sum(r["samples_per_s"] for r in history["train"]) / max(1, len(history["train"]))
@@ -169,6 +199,7 @@ def compare(args, argv):
         skip = a == "--methods"
         if a not in ("--compare", "--methods"):
             passthrough.append(a)
+    steps = budget_steps(args, passthrough) if args.budget == "time" else {}
     results = []
     for method in METHODS:
         out = os.path.join(args.output_dir, method)
@@ -178,6 +209,8 @@ def compare(args, argv):
             # argparse keeps the last value of a repeated flag: these override the user's --method / --output-dir
             cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
                    "--output-dir", out, "--result-json", result]
+            if method in steps:  # the same minutes: this method's steps, validated 4 times like every other
+                cmd += ["--max-steps", str(steps[method]), "--eval-every", str(steps[method] // 4)]
             print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True)
         elif not os.path.exists(result):
@@ -193,20 +226,42 @@ def compare(args, argv):
     return 0
 
 
+def budget_steps(args, passthrough) -> dict[str, int]:
+    """Each method's step count for the same training minutes: a timed probe of its steps (its own process, the
+    same flags), then steps = budget x its samples/s / batch size, rounded to 20. The budget is --budget-minutes,
+    or the minutes full fine-tuning's probed rate needs for --max-steps. Validation runs come on top, 4 per
+    method (equal cost for every method)."""
+    probed = {}
+    for method in [m for m in METHODS if m in args.methods or (m == "full" and args.budget_minutes is None)]:
+        path = os.path.join(args.output_dir, f"probe-{method}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
+               "--probe-steps", str(3 * PROBE_WINDOW), "--result-json", path]
+        print(f"== timing probe, {method}: {3 * PROBE_WINDOW} steps", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(path, encoding="utf-8") as f:
+            probed[method] = json.load(f)["samples_per_s"]
+    seconds = args.budget_minutes * 60 if args.budget_minutes else args.max_steps * args.batch_size / probed["full"]
+    steps = {m: max(20, round(seconds * rate / args.batch_size / 20) * 20) for m, rate in probed.items()
+             if m in args.methods}
+    print(f"budget {seconds / 60:.1f} training minutes each: " +
+          ", ".join(f"{m} {probed[m]:.0f} samples/s -> {n} steps" for m, n in steps.items()), flush=True)
+    return steps
+
+
 BUCKETS = ("1", "2", "3", "4", "5", "6+")
 
 
 def markdown_table(results) -> str:
     head = "| method | lr | trainable params | " + " | ".join(f"ed {b}" for b in BUCKETS) + \
-        " | all | training min | samples/s | peak RSS MiB |"
-    rule = "|" + "---|" * (len(BUCKETS) + 7)
+        " | all | steps | training min | samples/s | peak RSS MiB |"
+    rule = "|" + "---|" * (len(BUCKETS) + 8)
     rows = []
     for r in results:
         cells = [f"{r['by_edit_distance'][b]['exact_match']:.3f}" if b in r["by_edit_distance"] else "-"
                  for b in BUCKETS]
         rows.append(f"| {r['method']} | {r.get('lr', '-')} | {r['trainable']:,} "
                     f"({100 * r['trainable'] / r['total']:.2f}%) | " + " | ".join(cells) +
-                    f" | **{r['exact_match']:.3f}** | {r['train_seconds'] / 60:.1f} | {r['samples_per_s']:.1f} | "
+                    f" | **{r['exact_match']:.3f}** | {r['steps']} | {r['train_seconds'] / 60:.1f} | {r['samples_per_s']:.1f} | "
                     f"{r['peak_rss_mib']:.0f} |")
     return "\n".join([head, rule, *rows])
 

@@ -75,11 +75,35 @@ def test_bert2bert_summarization_smoke(tmp_path, model):
 
 
 def test_spelling_compare_tiny_writes_table_and_chart(tmp_path):
-    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--max-steps", "2", "--train-size", "32",
-              "--eval-size", "4", "--valid-size", "4", "--eval-every", "1", "--num-beams", "1",
+    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--budget", "steps", "--max-steps", "2",
+              "--train-size", "32", "--eval-size", "4", "--valid-size", "4", "--eval-every", "1", "--num-beams", "1",
               "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     table = (tmp_path / "compare.md").read_text()
     from finetune.methods import METHODS
     assert all(f"| {m} |" in table for m in METHODS) and "training min" in table
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_spelling_compare_same_minutes_sets_steps_from_a_timed_probe(tmp_path):
+    import json
+
+    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--methods", "bitfit", "--max-steps", "40",
+              "--train-size", "64", "--eval-size", "4", "--valid-size", "4", "--num-beams", "1",
+              "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    probes = {m: json.loads((tmp_path / f"probe-{m}.json").read_text()) for m in ("full", "bitfit")}  # full: budget
+    assert all(p["steps"] == 60 and p["samples_per_s"] > 0 for p in probes.values())
+    result = json.loads((tmp_path / "bitfit" / "result.json").read_text())
+    want = max(20, round(40 * probes["bitfit"]["samples_per_s"] / probes["full"]["samples_per_s"] / 20) * 20)
+    assert result["steps"] == want and f"bitfit {probes['bitfit']['samples_per_s']:.0f} samples/s -> {want} steps" \
+        in out.stdout
+    assert len(result["curve"]) == 4  # validated 4 times, whatever its step count
+    assert not (tmp_path / "full").exists()  # probed for the budget, not trained
+
+
+@pytest.mark.parametrize("flags, message", [(["--budget-minutes", "0"], "--budget-minutes must be"),
+                                            (["--max-steps", "0"], "--max-steps must be >= 1")])
+def test_spelling_example_refuses_bad_budgets(tmp_path, flags, message):
+    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", *flags, "--output-dir", str(tmp_path))
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
