@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--fused-loss", default=None, choices=("on", "off", "auto"))
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--lora-targets", default=None, metavar="REGEX",
+                    help="the adapter methods' targets (default: the family's; the main job's: "
+                         "'\\.(query|key|value|dense)$')")
     ap.add_argument("--optimizer", choices=("engine", "single", "foreach"), default="engine",
                     help="engine: the engine's AdamW (fused); single / foreach: torch's other AdamW loops, for comparison")
     args = ap.parse_args(argv)
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     built = bert2bert(minilm_path())
-    apply_method(built.model, args.method, built.new_parameters)
+    apply_method(built.model, args.method, built.new_parameters,
+                 lora_targets=[args.lora_targets] if args.lora_targets else None)
     extra = {} if args.fused_loss is None else {"fused_loss": {"on": True, "off": False, "auto": None}[args.fused_loss]}
     cfg = TrainConfig(lr=1e-4, lr_overrides=new_tensor_lr(built.new_parameters, 1e-3), batch_size=args.batch_size,
                       precision=args.precision, max_source_length=32, max_target_length=32, progress=False,

@@ -14,8 +14,9 @@ pretrained at --lr (2e-4 for full fine-tuning; METHOD_LR for the others: one rat
 split, batch 64, 800 steps (0.96 epoch) with 5% warm-up and linear decay, precision "auto" (bf16 where the CPU
 has bf16 units, else fp32). Every 200 steps a greedy evaluation on 500 validation pairs; the best one's weights
 are kept and end in model/. The final report: the test split (all of it by default), beam search, exact match
-by edit distance, wall time, samples/s and the CPU. `--compare` runs every method at the same budget, each at
-its own rate.
+by edit distance, wall time, samples/s and the CPU. `--compare` runs every method for the same training minutes
+(the minutes full fine-tuning needs for --max-steps; each method's step count comes from a short timed probe of
+its steps on this machine), each at its own learning rate; `--budget steps` gives them the same steps instead.
 """
 import argparse
 import json
@@ -42,7 +43,8 @@ from finetune.models import bert2bert_by_name, set_dropout  # noqa: E402
 # fine-tuning at 2e-4 beat 1e-4 and 3e-4; adapters and biases start from zero or train few tensors: 1e-3)
 METHOD_LR = {"full": 2e-4, "frozen-encoder": 2e-4, "bitfit": 1e-3, "lora": 1e-3, "int8-lora": 1e-3, "dora": 1e-3,
              "qlora": 1e-3}
-PROBE_WINDOW = 20  # steps per training log record; --compare's probe times all but the first of three
+PROBE_WINDOW = 20  # steps per training log record; --compare's probe times all but the first of its windows
+PROBE_STEPS = 5 * PROBE_WINDOW
 LORA_TARGETS = {"all-linear": (r"\.(query|key|value|dense)$",), "qv": (r"\.(query|value)$",)}
 
 
@@ -90,10 +92,12 @@ def main(argv=None):
     ap.add_argument("--probe-steps", type=int, default=None, help=argparse.SUPPRESS)  # compare's timing probe
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for name in ("max_steps", "eval_every", "batch_size", "probe_steps"):
+    for name in ("max_steps", "eval_every", "batch_size", "probe_steps", "lora_r"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 < args.lora_alpha < float("inf"):
+        ap.error(f"--lora-alpha must be a number > 0, got {args.lora_alpha}")
     if args.budget_minutes is not None and not 0 < args.budget_minutes < float("inf"):
         ap.error(f"--budget-minutes must be a number of minutes > 0, got {args.budget_minutes}")
     if args.compare:
@@ -235,8 +239,8 @@ def budget_steps(args, passthrough) -> dict[str, int]:
     for method in [m for m in METHODS if m in args.methods or (m == "full" and args.budget_minutes is None)]:
         path = os.path.join(args.output_dir, f"probe-{method}.json")
         cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
-               "--probe-steps", str(3 * PROBE_WINDOW), "--result-json", path]
-        print(f"== timing probe, {method}: {3 * PROBE_WINDOW} steps", flush=True)
+               "--probe-steps", str(PROBE_STEPS), "--result-json", path]
+        print(f"== timing probe, {method}: {PROBE_STEPS} steps", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         with open(path, encoding="utf-8") as f:
             probed[method] = json.load(f)["samples_per_s"]

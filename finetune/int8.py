@@ -1,9 +1,11 @@
 """Int8 base weights: a small wrapper over bitsandbytes' `Linear8bitLt` (LLM.int8(), Dettmers et al., 2022).
 
-Each weight row is stored as int8 with one float32 scale (absmax / 127); at matmul time, input columns
-holding an outlier above `threshold` (default 6.0) go through a float path. The weights are frozen: train
-LoRA adapters on top (`finetune.methods.apply_method(model, "int8-lora")`). bitsandbytes >= 0.45 runs
-this on CPU as well as CUDA.
+Each weight row is stored as int8 with one float32 scale (absmax / 127). On CUDA, bitsandbytes' LLM.int8()
+matmul runs: input columns holding an outlier above `threshold` (default 6.0) go through a float path. On CPU,
+the weight is rebuilt from its codes for each matmul, in the compute dtype (bitsandbytes' own CPU training path
+does the same, in the input's dtype, and an int8 matmul with outliers in evaluation; here training and evaluation
+compute the same thing, and under bf16 autocast the rebuilt weight and the input's gradient are bf16). The
+weights are frozen: train LoRA adapters on top (`finetune.methods.apply_method(model, "int8-lora")`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,19 @@ class Int8Linear(QuantizedLinear):
             raise RuntimeError(f"Int8Linear: bitsandbytes left the weight as {self.inner.weight.dtype} on {device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
+        bias = self.inner.bias
+        if x.device.type == "cpu":
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            out = _DequantizedMatmul.apply(x, self.inner.weight.data, self.scales(), dtype)
+        else:
+            # bitsandbytes casts the bias to the input's dtype in place (`bias.data = ...`): under autocast the
+            # frozen float32 bias, and the saved model's, would be rounded for good. It is added here instead.
+            self.inner.bias = None
+            try:
+                out = self.inner(x)
+            finally:
+                self.inner.bias = bias
+        return out if bias is None else out + bias.to(out.dtype)
 
     def scales(self) -> torch.Tensor:
         """Row scales (absmax per output row); bitsandbytes moves them into its matmul state at the first forward."""
@@ -54,7 +68,28 @@ class Int8Linear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weight + float32 row "
-                f"scales, outlier threshold={self.threshold}, frozen")
+                f"scales, outlier threshold={self.threshold} (CUDA), frozen")
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """x @ (codes * scale / 127)^T in `dtype` for a frozen int8 weight. The weight is rebuilt from the codes in
+    one pass (int8 times a `dtype` scale gives `dtype`), in the forward and again in the backward: never kept.
+    Only the input gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, codes, row_absmax, dtype):
+        scale = row_absmax.mul(1.0 / 127.0).to(dtype).unsqueeze(1)
+        ctx.save_for_backward(codes, scale)
+        ctx.x_dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(x.to(dtype), torch.mul(codes, scale))
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scale = ctx.saved_tensors
+        weight = torch.mul(codes, scale)
+        flat = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)  # one 2-D mm (a 3-D matmul may go through bmm)
+        return flat.mm(weight).view(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None
 
 
 def quantize_int8(model: nn.Module, skip=(), threshold: float = 6.0) -> QuantizeReport:

@@ -93,7 +93,7 @@ def test_spelling_compare_same_minutes_sets_steps_from_a_timed_probe(tmp_path):
               "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     probes = {m: json.loads((tmp_path / f"probe-{m}.json").read_text()) for m in ("full", "bitfit")}  # full: budget
-    assert all(p["steps"] == 60 and p["samples_per_s"] > 0 for p in probes.values())
+    assert all(p["steps"] == 100 and p["samples_per_s"] > 0 for p in probes.values())
     result = json.loads((tmp_path / "bitfit" / "result.json").read_text())
     want = max(20, round(40 * probes["bitfit"]["samples_per_s"] / probes["full"]["samples_per_s"] / 20) * 20)
     assert result["steps"] == want and f"bitfit {probes['bitfit']['samples_per_s']:.0f} samples/s -> {want} steps" \
@@ -103,7 +103,9 @@ def test_spelling_compare_same_minutes_sets_steps_from_a_timed_probe(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--budget-minutes", "0"], "--budget-minutes must be"),
-                                            (["--max-steps", "0"], "--max-steps must be >= 1")])
+                                            (["--max-steps", "0"], "--max-steps must be >= 1"),
+                                            (["--lora-r", "0"], "--lora-r must be >= 1"),
+                                            (["--lora-alpha", "nan"], "--lora-alpha must be")])
 def test_spelling_example_refuses_bad_budgets(tmp_path, flags, message):
     out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", *flags, "--output-dir", str(tmp_path))
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

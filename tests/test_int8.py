@@ -40,7 +40,7 @@ def test_int8_linear_round_trip_and_repr():
     torch.testing.assert_close(q.dequantize().weight, linear.weight, atol=step, rtol=0)
     x = torch.randn(4, 64)
     assert relative_error(q(x), linear(x)) < 0.02
-    assert "int8 weight + float32 row scales, outlier threshold=6.0" in repr(q)
+    assert "int8 weight + float32 row scales, outlier threshold=6.0 (CUDA)" in repr(q)
 
 
 def test_quantised_bart_logits_close_and_weights_smaller():
@@ -123,3 +123,40 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match=r"int8 base weights need bitsandbytes.*pip install -e '\.\[int8\]'"):
         Int8Linear(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_cpu_forward_is_the_dequantised_matmul_in_training_and_evaluation(dtype):
+    """On CPU the weight is rebuilt from its codes for each matmul (bitsandbytes' own CPU training path), in the
+    autocast dtype when autocast is on; evaluation computes what training computes, and the input gets the
+    gradient of that same matmul."""
+    torch.manual_seed(0)
+    q = Int8Linear(torch.nn.Linear(64, 48))
+    ref = q.dequantize()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        out_train = q.train()(x)
+        want = ref(x)
+        with torch.no_grad():
+            out_eval = q.eval()(x)
+    assert out_train.dtype == want.dtype == (dtype or torch.float32)
+    torch.testing.assert_close(out_eval, out_train, rtol=0, atol=0)
+    tol = dict(rtol=0, atol=1e-5) if dtype is None else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_train, want, **tol)
+    grad = torch.randn_like(out_train)
+    (got,) = torch.autograd.grad(out_train, x, grad)
+    (expected,) = torch.autograd.grad(want, x, grad)
+    torch.testing.assert_close(got, expected, **tol)
+    if dtype is None:  # fp32: the same numbers as bitsandbytes' CPU training matmul
+        torch.testing.assert_close(out_train, q.train().inner(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_autocast_leaves_the_float32_bias_untouched(input_dtype):
+    """bitsandbytes' Linear8bitLt casts its bias to the input's dtype in place (`bias.data = ...`), which would
+    round the frozen bias to bf16 for good (and the saved model's with it)."""
+    q = Int8Linear(torch.nn.Linear(16, 8))
+    bias = q.bias.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q(torch.randn(2, 16, dtype=input_dtype))
+    assert q.bias.dtype == torch.float32 and torch.equal(q.bias, bias)
