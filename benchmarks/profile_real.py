@@ -32,6 +32,7 @@ def main(argv=None) -> int:
                          "'\\.(query|key|value|dense)$')")
     ap.add_argument("--optimizer", choices=("engine", "single", "foreach"), default="engine",
                     help="engine: the engine's AdamW (fused); single / foreach: torch's other AdamW loops, for comparison")
+    ap.add_argument("--lora-dropout", type=float, default=None, help="the adapter methods' dropout (the main job: 0)")
     args = ap.parse_args(argv)
 
     import torch
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     built = bert2bert(minilm_path())
     apply_method(built.model, args.method, built.new_parameters,
-                 lora_targets=[args.lora_targets] if args.lora_targets else None)
+                 lora_targets=[args.lora_targets] if args.lora_targets else None, lora_dropout=args.lora_dropout)
     extra = {} if args.fused_loss is None else {"fused_loss": {"on": True, "off": False, "auto": None}[args.fused_loss]}
     cfg = TrainConfig(lr=1e-4, lr_overrides=new_tensor_lr(built.new_parameters, 1e-3), batch_size=args.batch_size,
                       precision=args.precision, max_source_length=32, max_target_length=32, progress=False,
