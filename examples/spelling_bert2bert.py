@@ -291,8 +291,9 @@ def chart(results, png):
         right.scatter(r["train_seconds"] / 60, r["exact_match"], s=40, color=line[0].get_color(), marker="*")
     left.set_xticks([k + 0.4 - width / 2 for k in range(len(BUCKETS))])
     left.set_xticklabels([f"edit distance {b}" for b in BUCKETS], fontsize=8)
+    left.set_ylim(0, 1)  # room above the bars for the legend
     left.set_ylabel("exact match (test)")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, ncol=2, loc="upper left")
     right.set_xlabel("training minutes (validation included)")
     right.set_ylabel("exact match (lines: validation, greedy; stars: test, beam)")
     right.legend(fontsize=7)
