@@ -100,6 +100,10 @@ def main(argv=None):
         ap.error(f"--lora-alpha must be a number > 0, got {args.lora_alpha}")
     if args.budget_minutes is not None and not 0 < args.budget_minutes < float("inf"):
         ap.error(f"--budget-minutes must be a number of minutes > 0, got {args.budget_minutes}")
+    if args.probe_steps is not None and not args.result_json:
+        ap.error("--probe-steps (--compare's timing probe) needs --result-json for its figure")
+    if args.budget_minutes is not None and not (args.compare and args.budget == "time"):
+        ap.error("--budget-minutes sets the budget of --compare --budget time; it does nothing here")
     if args.compare:
         return compare(args, argv if argv is not None else sys.argv[1:])
 
@@ -196,12 +200,11 @@ def cpu_description() -> str:
 def compare(args, argv):
     """Every method in a fresh process (so each peak memory is its own), then one table, markdown and PNG."""
     os.makedirs(args.output_dir, exist_ok=True)
-    passthrough, skip = [], 0
-    for a in argv:  # everything but --compare and --methods (and its values)
-        if skip and not a.startswith("--"):
-            continue
-        skip = a == "--methods"
-        if a not in ("--compare", "--methods"):
+    passthrough, dropping = [], False
+    for a in argv:  # everything but the flags of --compare itself (and their values)
+        if a.startswith("--"):
+            dropping = a.split("=", 1)[0] in ("--compare", "--methods", "--budget", "--budget-minutes")
+        if not dropping:
             passthrough.append(a)
     steps = budget_steps(args, passthrough) if args.budget == "time" else {}
     results = []

@@ -101,11 +101,22 @@ def test_spelling_compare_same_minutes_sets_steps_from_a_timed_probe(tmp_path):
     assert len(result["curve"]) == 4  # validated 4 times, whatever its step count
     assert not (tmp_path / "full").exists()  # probed for the budget, not trained
 
+    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--methods", "lora", "--budget-minutes",
+              "0.001", "--budget", "time", "--train-size", "64", "--eval-size", "4", "--valid-size", "4",
+              "--num-beams", "1", "--output-dir", str(tmp_path))  # its own budget: no probe of full, flags not passed on
+    assert out.returncode == 0, out.stderr
+    assert "timing probe, full" not in out.stdout and "timing probe, lora" in out.stdout
+    assert json.loads((tmp_path / "lora" / "result.json").read_text())["steps"] == 20  # at least 20
+
 
 @pytest.mark.parametrize("flags, message", [(["--budget-minutes", "0"], "--budget-minutes must be"),
                                             (["--max-steps", "0"], "--max-steps must be >= 1"),
                                             (["--lora-r", "0"], "--lora-r must be >= 1"),
-                                            (["--lora-alpha", "nan"], "--lora-alpha must be")])
+                                            (["--lora-alpha", "nan"], "--lora-alpha must be"),
+                                            (["--compare", "--budget", "steps", "--budget-minutes", "2"],
+                                             "--budget-minutes sets the budget of --compare --budget time"),
+                                            (["--budget-minutes", "2"], "it does nothing here")])
 def test_spelling_example_refuses_bad_budgets(tmp_path, flags, message):
-    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", *flags, "--output-dir", str(tmp_path))
+    flags = flags if "--budget" in flags or flags == ["--budget-minutes", "2"] else ["--compare", *flags]
+    out = run("spelling_bert2bert.py", "--model", "tiny", *flags, "--output-dir", str(tmp_path))
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
