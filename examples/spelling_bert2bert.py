@@ -142,15 +142,14 @@ def main(argv=None):
     history = engine.fit(train, eval=None if probe else valid)
     train_seconds = time.perf_counter() - started
     if probe:  # the training rate without the first window (warm-up: first calls, allocator growth)
-        windows = history["train"][1:] or history["train"]
         with open(args.result_json, "w", encoding="utf-8") as f:
             json.dump({"method": args.method, "steps": engine.global_step,
-                       "samples_per_s": sum(r["samples_per_s"] for r in windows) / len(windows)}, f)
+                       "samples_per_s": mean_rate(history["train"][1:] or history["train"])}, f)
         shutil.rmtree(args.output_dir, ignore_errors=True)
         return 0
     metrics = engine.evaluate(test, predictions_file="test_predictions.jsonl")
     report = trainable_report(model)
-    samples_per_s = sum(r["samples_per_s"] for r in history["train"]) / max(1, len(history["train"]))
+    samples_per_s = mean_rate(history["train"])
     best = history.get("best") or {}
     print(f"\nmethod {args.method}: {report.trainable:,} trainable of {report.total:,} parameters; "
           f"{engine.global_step} steps of {args.batch_size} on {len(train)} training pairs in {train_seconds:.0f} s "
@@ -180,6 +179,11 @@ def main(argv=None):
                                  if "exact_match" in r and not r.get("final")],
                        "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name}, f)
     return 0
+
+
+def mean_rate(records) -> float:
+    """The mean samples/s of training log records (0 if none)."""
+    return sum(r["samples_per_s"] for r in records) / max(1, len(records))
 
 
 def cpu_description() -> str:

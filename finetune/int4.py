@@ -59,14 +59,7 @@ class Int4Linear(QuantizedLinear):
         bias = self.inner.bias
         if bias is None or self.inner.compute_dtype in (None, bias.dtype):
             return self.inner(x)
-        # bitsandbytes would cast the float32 bias to the compute dtype in place (`bias.data = ...`), for good: the
-        # frozen bias - and the saved model - would lose precision. Add it here instead, leaving it as it was.
-        self.inner.bias = None
-        try:
-            out = self.inner(x)
-        finally:
-            self.inner.bias = bias
-        return out + bias.to(out.dtype)
+        return self.inner_with_bias_outside(x)  # bitsandbytes would cast the float32 bias in place
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the 4-bit codes stand for (the weight every forward computes with)."""

@@ -38,17 +38,10 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.inner.bias
-        if x.device.type == "cpu":
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            out = _DequantizedMatmul.apply(x, self.inner.weight.data, self.scales(), dtype)
-        else:
-            # bitsandbytes casts the bias to the input's dtype in place (`bias.data = ...`): under autocast the
-            # frozen float32 bias, and the saved model's, would be rounded for good. It is added here instead.
-            self.inner.bias = None
-            try:
-                out = self.inner(x)
-            finally:
-                self.inner.bias = bias
+        if x.device.type != "cpu":  # bitsandbytes' LLM.int8() kernel; it would cast the bias in place
+            return self.inner(x) if bias is None else self.inner_with_bias_outside(x)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        out = _DequantizedMatmul.apply(x, self.inner.weight.data, self.scales(), dtype)
         return out if bias is None else out + bias.to(out.dtype)
 
     def scales(self) -> torch.Tensor:

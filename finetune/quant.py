@@ -48,6 +48,18 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def inner_with_bias_outside(self, x: torch.Tensor) -> torch.Tensor:
+        """The bitsandbytes layer's forward without its bias, then the bias added here, left as it was: both
+        `Linear8bitLt` and `Linear4bit` cast the bias to the input's / compute dtype in place (`bias.data = ...`),
+        which under autocast would round the frozen float32 bias - and the saved model's - for good."""
+        bias = self.inner.bias
+        self.inner.bias = None
+        try:
+            out = self.inner(x)
+        finally:
+            self.inner.bias = bias
+        return out + bias.to(out.dtype)
+
     def dequantize(self) -> nn.Linear:
         """A float32 nn.Linear holding the weight the quantised codes stand for, and the bias."""
         weight = self.dequantized_weight()
