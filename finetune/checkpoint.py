@@ -253,9 +253,12 @@ def find_checkpoint(directory: str, resume: str) -> str:
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict, data_hash: str,
-                    rank: int = 0, world_size: int = 1, fsdp: bool = False) -> dict:
+                    rank: int = 0, world_size: int = 1, fsdp: bool = False, eval_hash: str | None = None) -> dict:
     """Check compatibility, then restore model tensors, optimizer, scheduler, scaler and this rank's RNG;
-    returns state.json. With `fsdp`, every rank reads the full tensors and keeps its shard of them."""
+    returns state.json. With `fsdp`, every rank reads the full tensors and keeps its shard of them.
+
+    `eval_hash`: the evaluation data's fingerprint. When the run keeps a best model, evaluation data other than
+    the checkpoint's are refused (the best value was measured on those); otherwise a change is a warning."""
     try:
         with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
             state = json.load(f)
@@ -282,6 +285,16 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
             problems.append(f"config.{key} was {saved!r}, is now {now!r}")
     if state["data_fingerprint"] != data_hash:
         problems.append("the training data differ (tokenised examples)")
+    if "eval_fingerprint" in state and state["eval_fingerprint"] != eval_hash:
+        what = ("there was no evaluation data then" if state["eval_fingerprint"] is None else
+                "there is no evaluation data now" if eval_hash is None else "the evaluation data differ")
+        if config.get("best_metric"):
+            problems.append(f"{what} (tokenised examples): the best {config['best_metric']} so far was measured on "
+                            "the checkpoint's evaluation data and cannot be compared with values on other data; "
+                            "resume with the same evaluation data, or start a fresh run")
+        else:
+            warnings.warn(f"resuming from {path}: {what} (tokenised examples); evaluations before and after the "
+                          "resume are not comparable", stacklevel=3)
     if problems:
         raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
 

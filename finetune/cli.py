@@ -49,7 +49,8 @@ def cmd_check(args) -> int:
     from .run_config import build_run, check_setup, load_run_config
 
     built = build_run(load_run_config(args.config, args.set))
-    report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps)
+    report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps,
+                         eval=built.eval)
     print(report)
     return 1 if report.failed else 0
 

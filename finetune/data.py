@@ -28,10 +28,10 @@ class DataError(ValueError):
 Pair = tuple[str, str]
 
 
-def read_pairs(data, source_field: str = "source", target_field: str = "target") -> list[Pair]:
+def read_pairs(data, source_field: str = "source", target_field: str = "target", name: str = "data") -> list[Pair]:
     """(source, target) pairs from a .jsonl/.json/.tsv/.csv path, a sequence of pairs, or a sequence of mappings
     with `source_field` / `target_field` (an HF `datasets.Dataset` is one: `datasets` need not be installed for
-    anything else)."""
+    anything else). `name` says which data an error is about where no file names it ("evaluation data[3]: ...")."""
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
         if not path:
@@ -56,19 +56,17 @@ def read_pairs(data, source_field: str = "source", target_field: str = "target")
             raise DataError(f"{path}: no pairs in the file")
         return pairs
     if isinstance(data, (bytes, dict)) or not hasattr(data, "__iter__"):
-        raise DataError(f"data: expected a file path, a list of (source, target) pairs or of mappings, or a "
+        raise DataError(f"{name}: expected a file path, a list of (source, target) pairs or of mappings, or a "
                         f"datasets.Dataset; got {type(data).__name__}")
     pairs = []
     for i, item in enumerate(data):
         if isinstance(item, Mapping):  # a row of an HF datasets.Dataset, or a dict
-            item = _mapping_pair(f"data[{i}]", item, source_field, target_field)
+            item = _mapping_pair(f"{name}[{i}]", item, source_field, target_field)
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-            raise DataError(f"pairs[{i}]: expected a (source, target) pair of strings, got {item!r:.200}")
-        if not item[0].strip() or not item[1].strip():
-            raise DataError(f"pairs[{i}]: empty source or target")
-        pairs.append((item[0], item[1]))
+            raise DataError(f"{name}[{i}]: expected a (source, target) pair of strings, got {item!r:.200}")
+        pairs.append(_check_row(f"{name}[{i}]", item[0], item[1]))
     if not pairs:
-        raise DataError("no pairs given")
+        raise DataError(f"{name}: no pairs given")
     return pairs
 
 
@@ -96,6 +94,12 @@ def _check_row(where: str, source, target) -> Pair:
             raise DataError(f"{where}: {name} must be a string, got {type(value).__name__}")
         if not value.strip():
             raise DataError(f"{where}: empty {name}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone UTF-16 surrogate, e.g. JSON's "\ud800" without its pair
+            raise DataError(f"{where}: {name} holds a lone surrogate {value[err.start]!r} at character {err.start} "
+                            "(half of a UTF-16 pair, e.g. an escape \\ud800 without its second half), which is not "
+                            "text; fix or drop the row") from None
     return source, target
 
 
@@ -156,12 +160,14 @@ def _read_tsv(path: str, text: str, source_field: str, target_field: str) -> lis
 
 
 def _read_csv(path: str, text: str, source_field: str, target_field: str) -> list[Pair]:
-    """CSV with RFC 4180 quoting (a quoted cell may hold commas, quotes doubled, and newlines)."""
+    """CSV with RFC 4180 quoting (a quoted cell may hold commas, quotes doubled, and newlines). Strict: a quote
+    that is never closed, or text after a closing quote, is an error naming the line of that quote."""
     pairs = []
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    first_line = 1  # where the record being read starts
     try:
         for row in reader:
-            line_no = reader.line_num
+            line_no, first_line = first_line, reader.line_num + 1
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != 2:
@@ -170,8 +176,28 @@ def _read_csv(path: str, text: str, source_field: str, target_field: str) -> lis
                 continue
             pairs.append(_check_row(f"{path}:{line_no}", row[0], row[1]))
     except csv.Error as err:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+        if "unexpected end of data" in str(err):
+            quote_line = _unclosed_quote_line(text, first_line)
+            raise DataError(f"{path}:{quote_line}: a quote (\") opened on this line is never closed, so every line "
+                            f"after it up to the end of the file (line {reader.line_num}) would be one cell; close "
+                            "the quote, or double a quote inside a quoted cell (\"\")") from None
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err}); a quoted cell ends at its closing quote, "
+                        "and a quote inside one is doubled (\"\")") from None
     return pairs
+
+
+def _unclosed_quote_line(text: str, first_line: int) -> int:
+    """The line of the quote left open at the end of the file, reading CSV records from line `first_line`."""
+    offset = 0
+    for _ in range(first_line - 1):
+        offset = text.index("\n", offset) + 1
+    opened, inside = offset, False
+    for i in range(offset, len(text)):
+        if text[i] == '"':
+            inside = not inside
+            if inside:
+                opened = i
+    return text.count("\n", 0, opened) + 1
 
 
 @dataclass

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from . import distributed, evaluation
-from .checkpoint import data_fingerprint, find_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, data_fingerprint, find_checkpoint, load_checkpoint
 from .config import TrainConfig
 from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
 from .export import save_adapter_folder, save_model_folder
 from .freeze import trainable_report
-from .guards import TrainingStopped, check_engine_arguments, check_gradients, count_nonfinite
+from .guards import (TrainingStopped, check_engine_arguments, check_evaluation_settings, check_gradients,
+                     count_nonfinite, schedule_of)
 from .int4 import set_compute_dtype
 from .loss import TrainingLoss
 from .masks import IGNORE_INDEX
@@ -95,8 +96,8 @@ class Engine:
         _, examples = self._tokenized(train, "train")
         eval_full = self._tokenized(eval, "eval") if eval is not None else None
         eval_set = subset(eval_full, cfg.eval_max_samples, cfg.seed)
-        if cfg.best_metric and eval is None:
-            raise ValueError(f"TrainConfig.best_metric={cfg.best_metric!r} needs evaluation data: fit(train, eval=...)")
+        steps_per_epoch, total_steps, epochs = schedule_of(cfg, len(examples), world)
+        check_evaluation_settings(cfg, eval is not None, total_steps)
         # global micro-batches of batch_size x world; rank r takes every world-th example of each
         sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size * world,
                                        cfg.seed, cfg.group_by_length)
@@ -104,9 +105,6 @@ class Engine:
         if self.dist.enabled and 0 < leftover < world:  # some rank would get an empty micro-batch
             raise ValueError(f"{len(examples)} examples leave a last global batch of {leftover}, fewer than the "
                              f"{world} ranks; drop or add a few examples")
-        steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
-        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-        epochs = math.ceil(total_steps / steps_per_epoch)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
         if cfg.grad_checkpointing:
             self.enable_checkpointing()
@@ -123,16 +121,22 @@ class Engine:
             raise ValueError("TrainConfig.best_metric is not supported with fsdp=True yet (the best weights would have "
                              "to be gathered); keep the checkpoints (save_every) and pick one instead")
         data_hash = data_fingerprint(examples)
+        eval_hash = data_fingerprint(eval_full[1]) if eval_full is not None else None
         best = Best(cfg.best_metric, cfg.early_stopping_patience, cfg.early_stopping_threshold)
-        checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self._log, best)
+        checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self._log, best, eval_hash)
         self.global_step, self.nonfinite_in_a_row, start = 0, 0, (0, 0)
         if resume_path:
             state = load_checkpoint(resume_path, self.model, self.optimizer, self.scheduler, self.precision.scaler,
-                                    cfg.to_dict(), data_hash, rank=self.dist.rank, world_size=world, fsdp=self.sharded)
+                                    cfg.to_dict(), data_hash, rank=self.dist.rank, world_size=world,
+                                    fsdp=self.sharded, eval_hash=eval_hash)
             self.global_step, start = state["step"], (state["epoch"], state["window"])
             self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
             self._checked_gradients = True
-            best.load(state.get("best"))
+            best.load(state.get("best"), checkpointer.directory)
+            if best.path and not os.path.isdir(best.path):
+                raise CheckpointError(f"cannot resume from {resume_path}: the best evaluation's checkpoint "
+                                      f"{best.path} ({best.metric} {best.value:.4g} at step {best.step}) is gone, and "
+                                      "model/ would need its weights; put that folder back, or start a fresh run")
             checkpointer.last, checkpointer.last_step = resume_path, self.global_step
             if self.dist.is_main:
                 print(f"resumed from {resume_path} at step {self.global_step}", flush=True)
@@ -304,13 +308,14 @@ class Engine:
         """Generate one output per input text (greedy when num_beams=1, beam search otherwise)."""
         return evaluation.generate(self, texts, num_beams, max_new_tokens)
 
-    def check(self, train, new_parameters=(), steps: int = 200):
+    def check(self, train, new_parameters=(), steps: int = 200, eval=None):
         """The recipe's preflight on this model and data, as a table of PASS / WARN / FAIL (finetune.preflight):
-        special tokens, one batch decoded, truncation, parameter groups, gradients, overfitting one batch, and
-        different outputs for different inputs. Runs the training checks on a copy of the model."""
+        the evaluation data and settings, special tokens, one batch decoded, truncation, parameter groups,
+        gradients, overfitting one batch, and different outputs for different inputs. Runs the training checks
+        on a copy of the model."""
         from .preflight import check
 
-        return check(self, train, new_parameters, steps)
+        return check(self, train, new_parameters, steps, eval)
 
     def overfit_batch(self, pairs, steps: int = 200, lr: float | None = None) -> list[dict]:
         """Train repeatedly on one batch (all of `pairs`), constant learning rate, no weight decay.
@@ -342,7 +347,8 @@ class Engine:
 
     def _tokenized(self, data, name: str) -> Tokenized:
         cfg = self.config
-        pairs = read_pairs(data, cfg.source_field, cfg.target_field)
+        what = {"train": "training data", "eval": "evaluation data"}.get(name, name)
+        pairs = read_pairs(data, cfg.source_field, cfg.target_field, what)
         examples, report = tokenize_pairs(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
                                           self.tokens.decoder_start)
         self._log(f"{name}: {report}")

@@ -1,7 +1,8 @@
-"""What stops a run rather than let it train wrongly: the gradient check after the first backward, and the count of
-non-finite steps in a row."""
+"""What stops a run rather than let it train wrongly: evaluation settings that could never act (refused before the
+first step), the gradient check after the first backward, and the count of non-finite steps in a row."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -12,6 +13,41 @@ from . import distributed
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on: what is wrong is in the message."""
+
+
+def schedule_of(config, examples: int, world: int = 1) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, total optimizer steps, epochs) of a run over `examples` training examples in
+    global micro-batches of batch_size x world."""
+    batches = math.ceil(examples / (config.batch_size * world))
+    per_epoch = math.ceil(batches / config.grad_accum)
+    total = config.max_steps or config.epochs * per_epoch
+    return per_epoch, total, math.ceil(total / per_epoch)
+
+
+def check_evaluation_settings(config, has_eval: bool, total_steps: int) -> None:
+    """Evaluation settings that could never act are refused before the first step (`Engine.prepare` and the
+    preflight, `finetune check`, call this alike): evaluation settings without evaluation data, and a best model
+    or early stopping whose evaluations would all fall after the run's last step."""
+    if not has_eval:
+        if config.best_metric:
+            raise ValueError(f"TrainConfig.best_metric={config.best_metric!r} needs evaluation data: fit(train, "
+                             "eval=...) (a run file: [data] eval = ...)")
+        unused = [f"{name}={getattr(config, name)!r}" for name, default in
+                  (("eval_every", None), ("eval_max_samples", None), ("eval_num_beams", 1))
+                  if getattr(config, name) != default]
+        if unused:
+            raise ValueError(f"TrainConfig.{', '.join(unused)}: set, but there is no evaluation data, so "
+                             f"{'it' if len(unused) == 1 else 'they'} would never act; pass fit(train, eval=...) (a "
+                             "run file: [data] eval = ...) or leave them unset")
+        return
+    if config.eval_every and config.eval_every > total_steps:
+        what = f"TrainConfig.eval_every={config.eval_every} is beyond the run's last step ({total_steps})"
+        if config.best_metric:
+            raise ValueError(f"{what}: no evaluation would run during training, so best_metric="
+                             f"{config.best_metric!r}{' and early stopping' if config.early_stopping_patience else ''}"
+                             f" could never act and model/ would hold the last weights; set eval_every <= "
+                             f"{total_steps}")
+        warnings.warn(f"{what}: no evaluation runs during training, only the final one", stacklevel=3)
 
 
 def check_gradients(model: nn.Module) -> None:

@@ -197,19 +197,13 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-               also_train=(), rslora: bool = False, exclude=(), rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None, dora: bool = False) -> list[str]:
-    """Wrap the linear layers whose module name matches a target regex; freeze everything else.
-
-    `also_train` regexes name parameters that train in full beside the adapters (e.g. bert2bert's new
-    cross-attention); `exclude` regexes name modules never to wrap. `rank_pattern` / `alpha_pattern` give
-    some layers another r / alpha (PEFT's keys and matching rule, `pattern_value`). `dora=True` adds DoRA's
-    trainable magnitude per output row (Liu et al., 2024; PEFT's `use_dora`). Bases may be float, int8 or
-    4-bit (finetune.int8, finetune.int4). A target that matches no
-    linear layer is an error naming it. Returns the wrapped module names. The settings are kept on
-    `model.lora_config` for `save_adapter`.
-    """
+def lora_plan(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05, exclude=(),
+              rank_pattern: dict | None = None, alpha_pattern: dict | None = None, dora: bool = False,
+              also_train=()) -> tuple[list[str], list[str]]:
+    """Check LoRA's settings against the model and say what `apply_lora` would wrap, changing nothing: (target
+    patterns, names of the linear layers to wrap). A bad setting, or a target pattern that matches no linear
+    layer, is an error naming it. Methods that quantise the base first (int8-lora, qlora) call this before they
+    quantise, so a refused setting leaves the model as it was."""
     for what, value in (("r", r), ("alpha", alpha), ("dropout", dropout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"apply_lora: {what} must be a finite number, got {value!r}")
@@ -221,42 +215,61 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
         raise ValueError(f"apply_lora: alpha must be > 0, got {alpha!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"apply_lora: dropout must be in [0, 1), got {dropout!r}")
-    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
-    compile_patterns(list(rank_pattern) + list(alpha_pattern), "apply_lora rank_pattern/alpha_pattern")
-    for key, value in rank_pattern.items():
+    compile_patterns(list(rank_pattern or {}) + list(alpha_pattern or {}), "apply_lora rank_pattern/alpha_pattern")
+    for key, value in (rank_pattern or {}).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"apply_lora: rank_pattern[{key!r}] must be an integer >= 1, got {value!r}")
-    for key, value in alpha_pattern.items():
+    for key, value in (alpha_pattern or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"apply_lora: alpha_pattern[{key!r}] must be a number > 0, got {value!r}")
+    names_now = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    idle = [rx.pattern for rx in compile_patterns(also_train, "apply_lora also_train")
+            if not any(rx.search(n) for n in names_now)]
+    if idle:
+        raise ValueError(f"apply_lora: also_train pattern(s) {idle} match no parameter name (names look like "
+                         f"{names_now[:3]})")
     if isinstance(targets, str):
         targets = [targets]
     targets = list(targets) if targets else default_targets(model)
     regexes = compile_patterns(targets, "apply_lora targets")
     excluded = compile_patterns(exclude, "apply_lora exclude")
-    hits = {rx.pattern: [] for rx in regexes}
-    wrapped_already = [n for n, m in _linear_layers(model).items() if isinstance(m, LoRALinear)
-                       and any(rx.search(n) for rx in regexes)]
+    layers = _linear_layers(model)
+    wrapped_already = [n for n, m in layers.items() if isinstance(m, LoRALinear) and any(rx.search(n) for rx in regexes)]
     if wrapped_already:
         raise ValueError(f"apply_lora: {len(wrapped_already)} target layer(s) already have LoRA (e.g. "
                          f"{wrapped_already[0]}); apply LoRA once, or merge_lora(model) first")
-    for name, module in _linear_layers(model).items():
-        if isinstance(module, LoRALinear) or any(rx.search(name) for rx in excluded):
-            continue
-        matched = [rx for rx in regexes if rx.search(name)]
-        if not matched:
-            continue
-        for rx in matched:
-            hits[rx.pattern].append(name)
+    names = [n for n, m in layers.items() if not isinstance(m, LoRALinear) and not any(rx.search(n) for rx in excluded)
+             and any(rx.search(n) for rx in regexes)]
+    unmatched = [rx.pattern for rx in regexes if not any(rx.search(n) for n in names)]
+    if unmatched:
+        raise ValueError(f"apply_lora: target pattern(s) {unmatched} match no linear layer "
+                         f"(linear layers look like {_some_linear_names(model)})")
+    return targets, names
+
+
+def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05,
+               also_train=(), rslora: bool = False, exclude=(), rank_pattern: dict | None = None,
+               alpha_pattern: dict | None = None, dora: bool = False) -> list[str]:
+    """Wrap the linear layers whose module name matches a target regex; freeze everything else.
+
+    `also_train` regexes name parameters that train in full beside the adapters (e.g. bert2bert's new
+    cross-attention); `exclude` regexes name modules never to wrap. `rank_pattern` / `alpha_pattern` give
+    some layers another r / alpha (PEFT's keys and matching rule, `pattern_value`). `dora=True` adds DoRA's
+    trainable magnitude per output row (Liu et al., 2024; PEFT's `use_dora`). Bases may be float, int8 or
+    4-bit (finetune.int8, finetune.int4). Every setting is checked first (`lora_plan`: a target that matches no
+    linear layer is an error naming it), so a refusal changes nothing. Returns the wrapped module names. The
+    settings are kept on `model.lora_config` for `save_adapter`.
+    """
+    targets, wrapped = lora_plan(model, targets, r, alpha, dropout, exclude, rank_pattern, alpha_pattern, dora,
+                                 also_train)
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    for name in wrapped:
+        module = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, r=pattern_value(rank_pattern, name, r),
                                           alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
                                           rslora=rslora, dora=dora))
-    unmatched = [p for p, names in hits.items() if not names]
-    if unmatched:
-        raise ValueError(f"apply_lora: target pattern(s) {unmatched} match no linear layer "
-                         f"(linear layers look like {_some_linear_names(model)})")
     freeze_all(model)
     for module in model.modules():
         if isinstance(module, LoRALinear):
@@ -266,7 +279,7 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
                 module.lora_magnitude_vector.weight.requires_grad_(True)
     if also_train:
         unfreeze(model, also_train)
-    wrapped = sorted({n for names in hits.values() for n in names})
+    wrapped = sorted(wrapped)
     model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "dora": dora, "targets": targets,
                          "also_train": list(also_train), "modules": wrapped, "rank_pattern": rank_pattern,
                          "alpha_pattern": alpha_pattern}

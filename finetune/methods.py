@@ -77,25 +77,42 @@ def bitfit_method(model: nn.Module, new_tensors=(), add_missing_biases: bool = F
     bitfit(model, also=_new(new_tensors), add_missing_biases=add_missing_biases)
 
 
+def _lora_placement(new_tensors) -> dict:
+    """Where adapters go around a warm-started model's new tensors: never on them (they train in full)."""
+    new_modules = exact_names_pattern({n.rsplit(".", 1)[0] for n in new_tensors})
+    return {"also_train": _new(new_tensors), "exclude": [new_modules] if new_modules else ()}
+
+
 @register("lora")
 def lora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
          lora_dropout: float = 0.05, dora: bool = False) -> None:
     from .lora import apply_lora
 
-    new_modules = exact_names_pattern({n.rsplit(".", 1)[0] for n in new_tensors})
-    apply_lora(model, targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-               also_train=_new(new_tensors), exclude=[new_modules] if new_modules else (), dora=dora)
+    apply_lora(model, targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dora=dora,
+               **_lora_placement(new_tensors))
+
+
+def _quantized_lora(model, new_tensors, quantize, lora_targets, lora_r, lora_alpha, lora_dropout) -> None:
+    """Quantise the base (new tensors stay float: they train in full), then LoRA over it. The LoRA settings are
+    checked first, so a refused target or rank leaves the model unquantised and a corrected retry works."""
+    from .lora import lora_plan
+    from .quant import prepare_quantized_training
+
+    lora_plan(model, lora_targets, lora_r, lora_alpha, lora_dropout, **_lora_placement(new_tensors))
+    quantize(model, skip=_new(new_tensors))
+    prepare_quantized_training(model)
+    lora(model, new_tensors, lora_targets, lora_r, lora_alpha, lora_dropout)
 
 
 @register("int8-lora")
 def int8_lora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
               lora_dropout: float = 0.05, int8_threshold: float = 6.0) -> None:
-    from .int8 import quantize_int8
-    from .quant import prepare_quantized_training
+    from functools import partial
 
-    quantize_int8(model, skip=_new(new_tensors), threshold=int8_threshold)  # new tensors train in full: keep float
-    prepare_quantized_training(model)
-    lora(model, new_tensors, lora_targets, lora_r, lora_alpha, lora_dropout)
+    from .int8 import quantize_int8
+
+    _quantized_lora(model, new_tensors, partial(quantize_int8, threshold=int8_threshold), lora_targets, lora_r,
+                    lora_alpha, lora_dropout)
 
 
 @register("dora")
@@ -108,12 +125,12 @@ def dora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, 
 def qlora(model: nn.Module, new_tensors=(), lora_targets=None, lora_r: int = 16, lora_alpha: float = 32,
           lora_dropout: float = 0.05, quant_type: str = "nf4", double_quant: bool = True) -> None:
     """4-bit base weights (the compute dtype follows the engine's precision) under LoRA adapters."""
-    from .int4 import quantize_4bit
-    from .quant import prepare_quantized_training
+    from functools import partial
 
-    quantize_4bit(model, skip=_new(new_tensors), quant_type=quant_type, double_quant=double_quant)
-    prepare_quantized_training(model)
-    lora(model, new_tensors, lora_targets, lora_r, lora_alpha, lora_dropout)
+    from .int4 import quantize_4bit
+
+    _quantized_lora(model, new_tensors, partial(quantize_4bit, quant_type=quant_type, double_quant=double_quant),
+                    lora_targets, lora_r, lora_alpha, lora_dropout)
 
 
 METHODS = tuple(REGISTRY)

@@ -184,11 +184,37 @@ def load_seq2seq(name_or_path: str, **kwargs):
         raise
     except Exception as err:  # transformers, safetensors and the tokenizers raise many kinds
         detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        where = "a local folder" if os.path.isdir(name_or_path) else "not a local folder, and not in the hub cache"
+        if os.path.isdir(name_or_path):
+            damaged_weights(name_or_path)  # a truncated or corrupt weights file: named, with what to do
+            raise ModelNotAvailable(
+                f"could not load the model folder {name_or_path}: {err.__class__.__name__}: {detail}. A model folder "
+                "holds config.json, safetensors weights and the tokenizer files (a training run writes one into "
+                "OUTPUT_DIR/model).") from err
         raise ModelNotAvailable(
-            f"could not load '{name_or_path}' ({where}; this machine may be offline): {err.__class__.__name__}: "
-            f"{detail}. Pass a folder holding config.json, safetensors weights and the tokenizer files."
-        ) from err
+            f"could not load '{name_or_path}' (not a local folder, and not in the hub cache; this machine may be "
+            f"offline): {err.__class__.__name__}: {detail}. Pass a folder holding config.json, safetensors weights "
+            "and the tokenizer files.") from err
+
+
+def damaged_weights(folder: str) -> None:
+    """Raise ModelNotAvailable naming the first *.safetensors file in `folder` whose header or size is broken
+    (a copy cut short, a full disk); return when every one reads."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as err:
+            raise ModelNotAvailable(
+                f"{path}: damaged weights file ({os.path.getsize(path):,} bytes; {type(err).__name__}: "
+                f"{str(err).strip()[:200]}): it was cut short or corrupted (an interrupted copy or save, a full "
+                "disk). Copy or save the model again (a training run's model/: its checkpoints/ may still hold "
+                "the weights)") from None
 
 
 def _load_added_biases(model, path: str, added: list[str], unexpected: list[str]) -> None:

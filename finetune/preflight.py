@@ -2,6 +2,9 @@
 
 Each check gives PASS, WARN or FAIL with what to do:
 
+    evaluation        the evaluation data read (if given) and the evaluation settings able to act: FAIL for
+                      best_metric / eval_every / eval_max_samples / eval_num_beams without evaluation data, or a
+                      best model whose evaluations would all come after the last step (what `fit` refuses)
     special tokens    pad / decoder start / eos agree across the model config, its generation config and the
                       tokenizer (a disagreement is a FAIL naming both ids)
     first batch       one real batch decoded - source, decoder input, labels - so a wrong shift or pad in the
@@ -55,15 +58,39 @@ class CheckReport:
         return "\n".join(lines + ["", verdict])
 
 
-def check(engine, train, new_parameters=(), steps: int = 200) -> CheckReport:
+def check(engine, train, new_parameters=(), steps: int = 200, eval=None) -> CheckReport:
     rng = torch.get_rng_state()
     try:
-        return _check(engine, train, new_parameters, steps)
+        with tempfile.TemporaryDirectory(prefix="finetune-check-") as scratch:  # the trial run's output folder
+            return _check(engine, train, new_parameters, steps, eval, scratch)
     finally:
         torch.set_rng_state(rng)  # checking changes nothing, the random state included
 
 
-def _check(engine, train, new_parameters, steps: int) -> CheckReport:
+def _check_evaluation(report, engine, eval, examples: int) -> None:
+    """The evaluation data and settings, as `Engine.prepare` will see them."""
+    from .data import DataError
+    from .guards import check_evaluation_settings, schedule_of
+
+    cfg = engine.config
+    detail = "no evaluation data"
+    if eval is not None:
+        try:
+            detail = f"{len(read_pairs(eval, cfg.source_field, cfg.target_field, 'evaluation data'))} evaluation pairs"
+        except DataError as err:
+            report.add("FAIL", "evaluation", str(err))
+            return
+    total = schedule_of(cfg, examples, engine.dist.world_size)[1]
+    try:
+        check_evaluation_settings(cfg, eval is not None, total)
+    except ValueError as err:
+        report.add("FAIL", "evaluation", str(err))
+        return
+    report.add("PASS", "evaluation", f"{detail}; {total} optimizer steps, "
+               + (f"best model by {cfg.best_metric}" if cfg.best_metric else "no best model (best_metric unset)"))
+
+
+def _check(engine, train, new_parameters, steps: int, eval, scratch: str) -> CheckReport:
     report = CheckReport()
     tokens, tok = engine.tokens, engine.tokenizer
     report.add("PASS", "special tokens",
@@ -71,7 +98,8 @@ def _check(engine, train, new_parameters, steps: int) -> CheckReport:
                f"{tok.convert_ids_to_tokens(tokens.decoder_start)!r}, eos {tokens.eos} "
                f"{tok.convert_ids_to_tokens(tokens.eos)!r}: config, generation config and tokenizer agree")
     cfg = engine.config
-    pairs = read_pairs(train, cfg.source_field, cfg.target_field)
+    pairs = read_pairs(train, cfg.source_field, cfg.target_field, "training data")
+    _check_evaluation(report, engine, eval, len(pairs))
     examples, counts = tokenize_pairs(pairs, tok, cfg.max_source_length, cfg.max_target_length, tokens.decoder_start)
     size = min(len(examples), max(2, min(cfg.batch_size, 8)))
     batch = engine.collate(examples[:size])
@@ -83,7 +111,7 @@ def _check(engine, train, new_parameters, steps: int) -> CheckReport:
                + ("; raise the limits or check the data" if cut_src or cut_tgt else ""))
     if not _check_groups(report, engine, new_parameters):
         return report
-    _check_training(report, engine, batch, pairs[:size], steps)
+    _check_training(report, engine, batch, pairs[:size], steps, scratch)
     return report
 
 
@@ -157,7 +185,7 @@ def _check_groups(report, engine, new_parameters) -> bool:
     return True
 
 
-def _check_training(report, engine, batch, pairs, steps: int) -> None:
+def _check_training(report, engine, batch, pairs, steps: int, scratch: str) -> None:
     from .guards import TrainingStopped
 
     try:
@@ -165,7 +193,7 @@ def _check_training(report, engine, batch, pairs, steps: int) -> None:
         note = ""
     except Exception:  # e.g. quantised layers that cannot be copied: check on the model itself
         model, note = engine.model, " (on the model itself: its weights changed; reload it before training)"
-    config = dataclasses.replace(engine.config, output_dir=tempfile.mkdtemp(prefix="finetune-check-"),
+    config = dataclasses.replace(engine.config, output_dir=scratch,
                                  progress=False, grad_accum=1, max_grad_norm=engine.config.max_grad_norm)
     trial = type(engine)(model, engine.tokenizer, config, noise=None)
     trial.build_optimizer(1, 0, schedule="constant")

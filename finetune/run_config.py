@@ -226,7 +226,7 @@ def build_run(run: RunConfig) -> BuiltRun:
     return BuiltRun(model, tokenizer, new, cfg, train, evaluation, run.noise)
 
 
-def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int = 200) :
+def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int = 200, eval=None):
     """Build the engine (its special-token contract is the first check) and run `check` on it."""
     from .engine import Engine
     from .preflight import CheckReport, check
@@ -237,4 +237,4 @@ def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int =
         report = CheckReport()
         report.add("FAIL", "special tokens" if "token" in str(err) else "setup", str(err))
         return report
-    return check(engine, train, new_parameters, steps)
+    return check(engine, train, new_parameters, steps, eval)

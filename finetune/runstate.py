@@ -15,11 +15,13 @@ saves a checkpoint and exits with status 128 + signal.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 from . import distributed
@@ -53,7 +55,11 @@ class TrainingRun:
 class Best:
     """The best evaluation so far by `best_metric` (loss: lower is better, the rest higher: METRIC_DIRECTIONS),
     the checkpoint holding its weights, and the evaluations since it (early stopping). Its state goes into every
-    checkpoint, so a resumed run keeps the same best and patience count."""
+    checkpoint, so a resumed run keeps the same best and patience count.
+
+    A value that is not finite (a NaN or infinite loss) is never the best: it counts as an evaluation without
+    improvement. The checkpoint is recorded by its folder name, not its path, so a run folder that was moved
+    or renamed still resumes and finishes (`load` resolves the name in the current checkpoints folder)."""
 
     def __init__(self, metric: str | None, patience: int | None = None, threshold: float = 0.0):
         from .metrics import METRIC_DIRECTIONS
@@ -71,7 +77,8 @@ class Best:
             return False
         value = float(result[self.metric])
         margin = self.threshold
-        better = self.value is None or (value < self.value - margin if self.lower else value > self.value + margin)
+        better = math.isfinite(value) and (
+            self.value is None or (value < self.value - margin if self.lower else value > self.value + margin))
         if better:
             self.value, self.step, self.since = value, step, 0
         else:
@@ -83,18 +90,31 @@ class Best:
         return self.patience is not None and self.since >= self.patience
 
     def state(self) -> dict:
-        return {"metric": self.metric, "value": self.value, "step": self.step, "path": self.path, "since": self.since}
+        return {"metric": self.metric, "value": self.value, "step": self.step, "path": self.path,
+                "checkpoint": os.path.basename(os.path.normpath(self.path)) if self.path else None,
+                "since": self.since}
 
-    def load(self, state: dict | None) -> None:
-        if state:
-            self.value, self.step, self.path, self.since = state["value"], state["step"], state["path"], state["since"]
+    def load(self, state: dict | None, directory: str) -> None:
+        """Restore from a checkpoint's state; the best checkpoint is looked up by name in `directory` (the run's
+        checkpoints folder now, wherever the run folder was when it was written)."""
+        if not state:
+            return
+        self.step, self.since = state["step"], state["since"]
+        value = state["value"]
+        self.value = float(value) if value is not None and math.isfinite(float(value)) else None
+        name = state.get("checkpoint") or (os.path.basename(os.path.normpath(state["path"])) if state["path"] else None)
+        self.path = os.path.join(directory, name) if name and self.value is not None else None
+        if self.value is None:
+            self.step = None  # a non-finite best (written before non-finite values were refused) is no best
 
 
 class Checkpointer:
-    def __init__(self, engine, optimizer, scheduler, data_hash: str, log, best: Best | None = None):
+    def __init__(self, engine, optimizer, scheduler, data_hash: str, log, best: Best | None = None,
+                 eval_hash: str | None = None):
+        """`data_hash` / `eval_hash`: fingerprints of the training and evaluation data (checked on resume)."""
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
         self.directory = os.path.join(engine.config.output_dir, "checkpoints")
-        self.data_hash = data_hash
+        self.data_hash, self.eval_hash = data_hash, eval_hash
         self.log = log
         self.best = best or Best(None)
         self.last: str | None = None
@@ -110,7 +130,8 @@ class Checkpointer:
         path = None
         if dist.is_main:
             progress = {"step": engine.global_step, "epoch": epoch, "window": window,
-                        "data_fingerprint": self.data_hash, "best": self.best.state(),
+                        "data_fingerprint": self.data_hash, "eval_fingerprint": self.eval_hash,
+                        "best": self.best.state(),
                         "nonfinite_in_a_row": engine.nonfinite_in_a_row, "world_size": dist.world_size}
             path = save_checkpoint(self.directory, engine.model, self.optimizer, self.scheduler,
                                    engine.precision.scaler, progress, engine.config.to_dict(), engine.config.keep_last,
@@ -246,6 +267,9 @@ def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, log) 
     result = distributed.broadcast_object(result, engine.dist) if engine.dist.enabled else result
     engine.model.train()
     best = run.best
+    if best.metric and not math.isfinite(float(result[best.metric])):
+        warnings.warn(f"step {engine.global_step}: evaluation {best.metric} is {result[best.metric]}: never the best "
+                      "model; it counts as an evaluation without improvement", stacklevel=2)
     if best.update(result, engine.global_step):
         best.path = os.path.join(saver.directory, f"step-{engine.global_step:08d}")
         saver.save(*position)
@@ -253,8 +277,9 @@ def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, log) 
                   f"{best.path}")
     if not best.stop:
         return False
+    so_far = f"best {best.value:.4g} at step {best.step}" if best.path else "no finite value yet"
     reason = (f"early stopping at step {engine.global_step}: {best.metric} has not improved by more than "
-              f"{best.threshold:g} in {best.since} evaluations (best {best.value:.4g} at step {best.step})")
+              f"{best.threshold:g} in {best.since} evaluations ({so_far})")
     engine._log(reason)
     engine._append_metrics({"split": "event", "event": "early_stopping", "step": engine.global_step,
                           "reason": reason})

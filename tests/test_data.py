@@ -49,7 +49,7 @@ def test_bad_rows_name_file_and_line(tmp_path, name, text, message):
 
 
 def test_bad_lists_and_missing_file(tmp_path):
-    with pytest.raises(DataError, match=r"pairs\[1\]: expected a \(source, target\) pair"):
+    with pytest.raises(DataError, match=r"data\[1\]: expected a \(source, target\) pair"):
         read_pairs([("a", "b"), ("c",)])
     with pytest.raises(DataError, match="no such file"):
         read_pairs(str(tmp_path / "nope.jsonl"))
