@@ -3,7 +3,8 @@
     finetune train CONFIG.toml [--set section.key=value ...] [--resume latest|PATH]
     finetune eval --model DIR --data FILE [--num-beams N]
     finetune generate --model DIR "text" ... [--num-beams N]
-    finetune check CONFIG.toml [--set ...] [--steps N]   the recipe's preflight: PASS / WARN / FAIL, exit 1 on FAIL
+    finetune check CONFIG.toml [--set ...] [--steps N] [--resume]   the recipe's preflight: PASS / WARN / FAIL, exit 1
+                                                                    on FAIL
     finetune report DIR            trainable report, metrics summary, loss / learning-rate plot (DIR/report.png)
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def cmd_check(args) -> int:
 
     built = build_run(load_run_config(args.config, args.set))
     report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps,
-                         eval=built.eval)
+                         eval=built.eval, resume=args.resume)
     print(report)
     return 1 if report.failed else 0
 
@@ -179,6 +180,7 @@ def main(argv=None) -> int:
     c.add_argument("config")
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.add_argument("--steps", type=_positive, default=200, help="overfitting steps (default 200)")
+    c.add_argument("--resume", action="store_true", help="the run will be resumed: its output folder may hold it")
     c.set_defaults(func=cmd_check)
     for name, func in (("eval", cmd_eval), ("generate", cmd_generate)):
         p = sub.add_parser(name, help=f"{name} with a saved model folder")

@@ -48,6 +48,12 @@ def check_evaluation_settings(config, has_eval: bool, total_steps: int) -> None:
                              f" could never act and model/ would hold the last weights; set eval_every <= "
                              f"{total_steps}")
         warnings.warn(f"{what}: no evaluation runs during training, only the final one", stacklevel=3)
+    patience = config.early_stopping_patience
+    evaluations = total_steps // config.eval_every if config.eval_every else None
+    if patience and evaluations is not None and evaluations <= patience:
+        warnings.warn(f"TrainConfig.early_stopping_patience={patience} needs at least {patience + 1} evaluations "
+                      f"and this run has {evaluations} (eval_every={config.eval_every}, {total_steps} steps): it can "
+                      "never stop early", stacklevel=3)
 
 
 def check_gradients(model: nn.Module) -> None:

@@ -226,9 +226,12 @@ def build_run(run: RunConfig) -> BuiltRun:
     return BuiltRun(model, tokenizer, new, cfg, train, evaluation, run.noise)
 
 
-def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int = 200, eval=None):
-    """Build the engine (its special-token contract is the first check) and run `check` on it."""
+def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int = 200, eval=None,
+                resume: bool = False):
+    """Build the engine (its special-token contract is the first check) and run `check` on it; for a fresh run
+    (not `resume`), also the output folder as `finetune train` will claim it."""
     from .engine import Engine
+    from .outputs import OutputDirError, claim_for_fresh_run
     from .preflight import CheckReport, check
 
     try:
@@ -237,4 +240,13 @@ def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int =
         report = CheckReport()
         report.add("FAIL", "special tokens" if "token" in str(err) else "setup", str(err))
         return report
-    return check(engine, train, new_parameters, steps, eval)
+    report = check(engine, train, new_parameters, steps, eval)
+    if not resume:
+        try:
+            replaced = claim_for_fresh_run(config.output_dir, config.overwrite_output_dir, dry_run=True)
+            report.add("WARN" if replaced else "PASS", "output folder",
+                       f"{config.output_dir}: " + (f"overwrite_output_dir replaces {', '.join(replaced)}" if replaced
+                                                    else "free for a fresh run"))
+        except OutputDirError as err:
+            report.add("FAIL", "output folder", f"{err} (or check with --resume)")
+    return report

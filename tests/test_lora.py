@@ -57,7 +57,8 @@ def test_merge_unmerge_round_trip(family, dora):
     for m in lora_layers(model).values():
         m.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, original, atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model, tok), adapted, atol=1e-6, rtol=0)
+    # float32 rounding of W -> merged -> W: about one ulp of the logits (1.2e-6 on an Intel Xeon, T5 + DoRA)
+    torch.testing.assert_close(logits(model, tok), adapted, atol=2e-6, rtol=0)
     merge_lora(model)  # the plain layers back, the update folded in
     assert not lora_layers(model)
     torch.testing.assert_close(logits(model, tok), adapted, atol=1e-5, rtol=0)

@@ -531,7 +531,7 @@ def test_cli_reports_broken_models_and_paths_in_one_line(tmp_path):
                                        '[train]\nmax_steps = 1\nbatch_size = 4\nprogress = false\n'
                                        'output_dir = "out"\n')
     (tmp_path / "out").write_text("a file where the output folder should be")
-    cases = [(("eval", "--model", "trunc", "--data", "d.jsonl"), "could not load 'trunc'"),
+    cases = [(("eval", "--model", "trunc", "--data", "d.jsonl"), "trunc/model.safetensors: damaged weights file"),
              (("eval", "--model", "trunc", "--data", "folder.jsonl"), "is a folder"),
              (("train", "run.toml"), "exists and is a file"),
              (("train", "run.toml", "--set", "train.output_dir='o2'", "--resume", "latest"), "no checkpoint to resume"),

@@ -322,3 +322,23 @@ def test_generate_with_a_truncated_model_file_names_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{weights}: damaged weights file" in err and "cut short" in err
     assert "offline" not in err
+
+
+def test_early_stopping_patience_that_can_never_act_is_said(tmp_path):
+    """Beyond the list: patience 4 with 4 evaluations in the whole run can never stop it."""
+    engine = Engine(*tiny_bart(), cfg(tmp_path, best_metric="loss", early_stopping_patience=4, eval_every=2))
+    with pytest.warns(UserWarning, match=r"early_stopping_patience=4 needs at least 5 evaluations and this run has "
+                                         r"4.*never stop early"):
+        engine.prepare(DATA, eval=EVAL)
+
+
+def test_check_fails_for_an_output_folder_that_train_would_refuse(tmp_path):
+    """Beyond the list: `finetune check` said "ready to train" for an output_dir holding another run's outputs,
+    which `finetune train` refuses at once."""
+    Engine(*tiny_bart(), cfg(tmp_path, eval_every=None)).fit(DATA)
+    report = check_setup(*tiny_bart(), cfg(tmp_path, eval_every=None), SPELLING, steps=5)
+    rows = {name: (status, detail) for status, name, detail in report.rows}
+    assert report.failed and rows["output folder"][0] == "FAIL" and "already holds the outputs" in \
+        rows["output folder"][1]
+    resumed = check_setup(*tiny_bart(), cfg(tmp_path, eval_every=None), SPELLING, steps=5, resume=True)
+    assert "output folder" not in {name for _, name, _ in resumed.rows}
