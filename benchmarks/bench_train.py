@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from finetune.methods import METHODS, exact_names_pattern  # noqa: E402
+from finetune.methods import METHODS, exact_names_pattern, settings_of  # noqa: E402
 
 MODELS = ("minilm", "bart-base", "t5-base")
 # PEFT's target_modules as one regex (full match), equal to what finetune.methods wraps: BART q_proj/v_proj,
@@ -215,9 +215,10 @@ def peer_model(model, method: str, new):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, module.inner)
         target = PEER_LORA_TARGETS[model.config.model_type]
-        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                           target_modules=target, task_type="SEQ_2_SEQ_LM",
-                                                           use_dora=method == "dora"))
+        ours = settings_of(method)  # the same adapter as ours: the method's declared defaults
+        model = peft.get_peft_model(model, peft.LoraConfig(r=ours["lora_r"], lora_alpha=ours["lora_alpha"],
+                                                           lora_dropout=ours["lora_dropout"], target_modules=target,
+                                                           task_type="SEQ_2_SEQ_LM", use_dora=method == "dora"))
         if new:  # the newly initialised tensors train in full, as in ours
             pattern = re.compile(exact_names_pattern(new).lstrip("^"))
             for name, param in model.named_parameters():

@@ -5,7 +5,7 @@
     python examples/lora_int8_flan_t5.py --method qlora      # 4-bit NF4 base weights instead (QLoRA)
 
 Every linear layer but the LM head is quantised to int8 (bitsandbytes, CPU or CUDA); LoRA adapters
-(r=16, alpha=32, dropout 0.05) on the attention's q and v train; LayerNorm gains stay float32 and the LM
+(the declared defaults: r 16, alpha 32, dropout 0.05) on the attention's q and v train; LayerNorm gains stay float32 and the LM
 head's output is float32. Only the adapter is saved (adapter/, also in PEFT's format under adapter_peft/).
 """
 import argparse
@@ -16,7 +16,7 @@ from common import load_model
 
 from finetune import Engine, TrainConfig, read_pairs, save_adapter, trainable_report
 from finetune.datasets import codespell_pairs
-from finetune.methods import apply_method
+from finetune.methods import METHODS, apply_method, settings_of
 from finetune.models import tiny_t5
 
 PREFIX = "correct spelling of following word: "
@@ -31,7 +31,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="default 3e-4 (pretrained) / 3e-3 (tiny)")
-    ap.add_argument("--method", choices=("int8-lora", "qlora", "lora", "dora"), default="int8-lora",
+    adapter_methods = [m for m in METHODS if "lora_r" in settings_of(m)]  # every method with LoRA adapters
+    ap.add_argument("--method", choices=adapter_methods, default="int8-lora",
                     help="int8 base (default), 4-bit NF4 base (QLoRA), or a float base with LoRA / DoRA")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="auto: bf16 where the hardware has bf16 units, else fp32 (T5 overflows fp16)")
@@ -41,7 +42,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     model, tokenizer = load_model(args.model, tiny_t5, "lora_int8_flan_t5.py")
-    apply_method(model, args.method, lora_r=16, lora_alpha=32, lora_dropout=0.05)
+    apply_method(model, args.method)  # LoRA as people use it: the declared defaults (r 16, alpha 32, dropout 0.05)
     print(trainable_report(model))
     train = read_pairs(args.data) if args.data else codespell_pairs("train", limit=args.train_size)
     test = codespell_pairs("test", limit=args.eval_size)

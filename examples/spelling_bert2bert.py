@@ -9,7 +9,8 @@ offline, on CPU in minutes. Prints exact-match accuracy by edit distance and a f
 
 The recipe (benchmarks/spelling_recipes.py holds the search, README the table): the newly initialised tensors
 (cross-attention, LM-head transform: the load report's missing keys) train at --new-lr 1e-3, everything
-pretrained at --lr (2e-4 for full fine-tuning; METHOD_LR for the others: one rate cannot serve both); no dropout
+pretrained at --lr (2e-4 for full fine-tuning; each method's declared `lr` for the others: one rate
+cannot serve both); no dropout
 (MiniLM's 0.1 cost 11 points of exact match in this one-epoch budget); label smoothing 0.1; the whole training
 split, batch 64, 800 steps (0.96 epoch) with 5% warm-up and linear decay, precision "auto" (bf16 where the CPU
 has bf16 units, else fp32). Every 200 steps a greedy evaluation on 500 validation pairs; the best one's weights
@@ -36,13 +37,10 @@ from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
 from finetune.freeze import freeze  # noqa: E402
 from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
+from finetune.methods import method as declared_method  # noqa: E402
 from finetune.models import bert2bert_by_name, set_dropout  # noqa: E402
 
 
-# each method's learning rate for the pretrained tensors it trains (benchmarks/results/spelling_recipes: full
-# fine-tuning at 2e-4 beat 1e-4 and 3e-4; adapters and biases start from zero or train few tensors: 1e-3)
-METHOD_LR = {"full": 2e-4, "frozen-encoder": 2e-4, "bitfit": 1e-3, "lora": 1e-3, "int8-lora": 1e-3, "dora": 1e-3,
-             "qlora": 1e-3}
 PROBE_WINDOW = 20  # steps per training log record; --compare's probe times all but the first of its windows
 PROBE_STEPS = 5 * PROBE_WINDOW
 LORA_TARGETS = {"all-linear": (r"\.(query|key|value|dense)$",), "qv": (r"\.(query|value)$",)}
@@ -60,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=None,
-                    help="learning rate of the pretrained tensors (default: per method, METHOD_LR)")
+                    help="learning rate of the pretrained tensors (default: the method's declared lr)")
     ap.add_argument("--new-lr", type=float, default=1e-3, help="learning rate of the newly initialised tensors")
     ap.add_argument("--freeze", action="append", default=[], metavar="REGEX",
                     help="also freeze the parameters matching REGEX (repeatable), e.g. the encoder's word embeddings")
@@ -69,8 +67,10 @@ def main(argv=None):
                     help="dropout of every layer of the model (the checkpoint's is 0.1; 0 for this one-epoch budget)")
     ap.add_argument("--lora-targets", choices=tuple(LORA_TARGETS), default="all-linear",
                     help="linear layers the adapter methods wrap (all-linear: query, key, value and every dense)")
-    ap.add_argument("--lora-r", type=int, default=16, help="adapter rank of the LoRA methods")
-    ap.add_argument("--lora-alpha", type=float, default=32, help="adapter scale numerator (scale = alpha / r)")
+    ap.add_argument("--lora-r", type=int, default=settings_of("lora")["lora_r"],
+                    help="adapter rank of the LoRA methods")
+    ap.add_argument("--lora-alpha", type=float, default=settings_of("lora")["lora_alpha"],
+                    help="adapter scale numerator (scale = alpha / r)")
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     ap.add_argument("--num-beams", type=int, default=4)
@@ -89,6 +89,9 @@ def main(argv=None):
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="with --compare --budget time: the training minutes of every method (default: full "
                          "fine-tuning's for --max-steps)")
+    ap.add_argument("--compare-probe-steps", type=int, default=PROBE_STEPS,
+                    help=f"with --compare --budget time: steps of each method's timing probe (the first "
+                         f"{PROBE_WINDOW} are not timed; default {PROBE_STEPS})")
     ap.add_argument("--probe-steps", type=int, default=None, help=argparse.SUPPRESS)  # compare's timing probe
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -100,6 +103,8 @@ def main(argv=None):
         ap.error(f"--lora-alpha must be a number > 0, got {args.lora_alpha}")
     if args.budget_minutes is not None and not 0 < args.budget_minutes < float("inf"):
         ap.error(f"--budget-minutes must be a number of minutes > 0, got {args.budget_minutes}")
+    if args.compare_probe_steps <= PROBE_WINDOW:
+        ap.error(f"--compare-probe-steps must be > {PROBE_WINDOW} (its first {PROBE_WINDOW} steps are not timed)")
     if args.probe_steps is not None and not args.result_json:
         ap.error("--probe-steps (--compare's timing probe) needs --result-json for its figure")
     if args.budget_minutes is not None and not (args.compare and args.budget == "time"):
@@ -117,7 +122,7 @@ def main(argv=None):
                 "lora_alpha": args.lora_alpha} \
         if "lora_targets" in settings_of(args.method) else {}
     apply_method(model, args.method, new_names, **settings)
-    args.lr = args.lr or METHOD_LR[args.method]
+    args.lr = args.lr or declared_method(args.method).lr
     if args.freeze:
         freeze(model, args.freeze)
 
@@ -207,7 +212,8 @@ def compare(args, argv):
     passthrough, dropping = [], False
     for a in argv:  # everything but the flags of --compare itself (and their values)
         if a.startswith("--"):
-            dropping = a.split("=", 1)[0] in ("--compare", "--methods", "--budget", "--budget-minutes")
+            dropping = a.split("=", 1)[0] in ("--compare", "--methods", "--budget", "--budget-minutes",
+                                              "--compare-probe-steps")
         if not dropping:
             passthrough.append(a)
     steps = budget_steps(args, passthrough) if args.budget == "time" else {}
@@ -246,8 +252,8 @@ def budget_steps(args, passthrough) -> dict[str, int]:
     for method in [m for m in METHODS if m in args.methods or (m == "full" and args.budget_minutes is None)]:
         path = os.path.join(args.output_dir, f"probe-{method}.json")
         cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
-               "--probe-steps", str(PROBE_STEPS), "--result-json", path]
-        print(f"== timing probe, {method}: {PROBE_STEPS} steps", flush=True)
+               "--probe-steps", str(args.compare_probe_steps), "--result-json", path]
+        print(f"== timing probe, {method}: {args.compare_probe_steps} steps", flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         with open(path, encoding="utf-8") as f:
             probed[method] = json.load(f)["samples_per_s"]

@@ -10,14 +10,14 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
 import torch
 from torch import nn
 
-from .lora import LoRALinear, _linear_layers, _some_linear_names, apply_lora, lora_layers, pattern_value
+from .export import BESIDE_MODEL
+from .lora import apply_lora, linear_layers, lora_layers, pattern_value, some_linear_names
 from .patterns import compile_patterns
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -105,9 +105,8 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
             apply_lora(model, targets=["^" + re.escape(m) + "$" for m in modules], **settings)
         else:
             for name, layer in existing.items():
-                layer.alpha, layer.rslora = pattern_value(settings["alpha_pattern"], name, settings["alpha"]), \
-                    settings["rslora"]
-                layer.scaling = layer.alpha / (math.sqrt(layer.r) if layer.rslora else layer.r)
+                layer.rslora = settings["rslora"]
+                layer.set_alpha(pattern_value(settings["alpha_pattern"], name, settings["alpha"]))
             model.lora_config = {**(had_config or {}), "r": settings["r"], "alpha": settings["alpha"],
                                  "rslora": settings["rslora"], "rank_pattern": settings["rank_pattern"],
                                  "alpha_pattern": settings["alpha_pattern"], "modules": sorted(modules)}
@@ -215,13 +214,13 @@ def _load_weights(path, load_file, error_type):
 
 def _check_adapter_fits(model, directory, weights, settings, modules, state, existing) -> None:
     """Every adapter tensor has a place in the model, of the shape the settings give it."""
-    linear = _linear_layers(model)
+    linear = linear_layers(model)
     expected = {}
     for name in modules:
         layer = existing.get(name) or linear.get(name)
         if layer is None:
             raise ValueError(f"{directory}: module {name!r} is not a linear layer of this model (a different base "
-                             f"model?); linear layers look like {_some_linear_names(model)}")
+                             f"model?); linear layers look like {some_linear_names(model)}")
         r = existing[name].r if name in existing else pattern_value(settings["rank_pattern"], name, settings["r"])
         expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
         expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
@@ -258,3 +257,25 @@ def _to_peft_key(name: str) -> str:
 
 def is_lora_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
+
+
+def save_adapter_folder(model: nn.Module, path: str, log=print) -> str | None:
+    """A LoRA model's adapter alone into `path` (PEFT format; ours when it also trains whole tensors, which
+    PEFT's format cannot name), swapped in atomically. None when the model has no (unmerged) LoRA layers."""
+    import shutil
+
+    from .outputs import replace_dir
+
+    layers = lora_layers(model)
+    if not layers or any(m.merged for m in layers.values()) or not hasattr(model, "lora_config"):
+        return None
+    path = os.path.abspath(os.fspath(path))
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    fmt = "finetune" if model.lora_config.get("also_train") else "peft"
+    save_adapter(model, path + ".tmp", format=fmt)
+    replace_dir(path + ".tmp", path)
+    log(f"adapter ({fmt} format) saved to {path}")
+    return path
+
+
+BESIDE_MODEL["adapter"] = save_adapter_folder  # OUTPUT_DIR/adapter beside model/ (finetune.export.save_outputs)

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-00000123/`:
 
-    model.safetensors      the trainable tensors only when fewer than half the parameters train (BitFit,
-                           LoRA), else every tensor of the state dict
+    model.safetensors      the trainable tensors only when fewer than half the parameters train, else every
+                           tensor of the state dict
     optimizer.safetensors  the optimizer's per-parameter state, flattened (`state.<i>.<key>`)
     rng.safetensors        torch CPU (and CUDA) generator states
     state.json             step, epoch, position in the epoch, scheduler, scaler, python/numpy RNG, the config,
@@ -52,14 +52,6 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    return h.hexdigest()
-
-
-def data_fingerprint(examples) -> str:
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes() + b"|")
-        h.update(np.asarray(e.labels, dtype=np.int64).tobytes() + b";")
     return h.hexdigest()
 
 
@@ -290,11 +282,10 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
                 "there is no evaluation data now" if eval_hash is None else "the evaluation data differ")
         if config.get("best_metric"):
             problems.append(f"{what} (tokenised examples): the best {config['best_metric']} so far was measured on "
-                            "the checkpoint's evaluation data and cannot be compared with values on other data; "
-                            "resume with the same evaluation data, or start a fresh run")
+                            "the checkpoint's evaluation data; resume with the same data, or start a fresh run")
         else:
-            warnings.warn(f"resuming from {path}: {what} (tokenised examples); evaluations before and after the "
-                          "resume are not comparable", stacklevel=3)
+            warnings.warn(f"resuming from {path}: {what}; evaluations before and after it are not comparable",
+                          stacklevel=2)
     if problems:
         raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
 

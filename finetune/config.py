@@ -55,7 +55,7 @@ class TrainConfig:
     best_metric: str | None = None  # keep the best evaluation's weights (loss: lower is better; the rest higher)
     early_stopping_patience: int | None = None  # evaluations without improvement before the run ends
     early_stopping_threshold: float = 0.0  # an improvement must exceed this to count
-    report_to: list[str] = field(default_factory=list)  # "tensorboard": scalars in OUTPUT_DIR/tensorboard
+    report_to: list[str] = field(default_factory=list)  # trackers: "tensorboard", "mlflow", "wandb" (finetune.recorder)
     # bookkeeping
     seed: int = 0
     output_dir: str = "runs/finetune"
@@ -75,7 +75,7 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not _fits(value, hints[f.name]):
+            if not fits(value, hints[f.name]):
                 raise ValueError(f"TrainConfig.{f.name}={value!r}: expected {_describe(hints[f.name])}, got "
                                  f"{type(value).__name__}")
             if isinstance(value, float) and not math.isfinite(value):
@@ -114,7 +114,10 @@ class TrainConfig:
         need(self.early_stopping_patience is None or self.best_metric is not None, "early_stopping_patience",
              "needs best_metric (the metric that must improve)")
         need(self.early_stopping_threshold >= 0, "early_stopping_threshold", "must be >= 0")
-        need(all(r in ("tensorboard",) for r in self.report_to), "report_to", "known trackers: 'tensorboard'")
+        from .recorder import SINKS
+
+        need(all(r in SINKS for r in self.report_to), "report_to",
+             f"known trackers: {', '.join(repr(n) for n in SINKS)}")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.save_every is None or self.save_every >= 1, "save_every", "must be >= 1 or None")
         need(self.keep_last >= 1, "keep_last", "must be >= 1")
@@ -147,7 +150,7 @@ class TrainConfig:
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-            if not _fits(value, hints[key]):
+            if not fits(value, hints[key]):
                 raise ValueError(f"{where}: key '{key}' has {type(value).__name__} {value!r}, expected {hints[key]}")
         return cls(**values)
 
@@ -170,10 +173,10 @@ def _describe(hint) -> str:
     return names.get(hint, str(hint))
 
 
-def _fits(value, hint) -> bool:
+def fits(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(hint))
+        return any(fits(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is float:

@@ -8,6 +8,7 @@ not UTF-8, raise `DataError` naming the file, the line and what is wrong.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -16,6 +17,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .masks import decoder_attention_mask, pad_inputs, pad_labels, shift_tokens_right
@@ -245,6 +247,15 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_source_length: int, max_tar
         cut_tgt += len(tgt) > max_target_length
         examples.append(Example(_truncate(src, max_source_length, special), _truncate(tgt, max_target_length, special)))
     return examples, TokenizeReport(len(examples), cut_src, cut_tgt)
+
+
+def data_fingerprint(examples) -> str:
+    """SHA-256 of the tokenised examples (what a resumed run must train and evaluate on again)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes() + b"|")
+        h.update(np.asarray(e.labels, dtype=np.int64).tobytes() + b";")
+    return h.hexdigest()
 
 
 class Collator:

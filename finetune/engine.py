@@ -15,32 +15,30 @@ makes (`windows`), exactly as `fit` does.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed, evaluation
-from .checkpoint import CheckpointError, data_fingerprint, find_checkpoint, load_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint
 from .config import TrainConfig
-from .data import Collator, Example, LengthGroupedBatches, read_pairs, tokenize_pairs
-from .export import save_adapter_folder, save_model_folder
+from .data import Collator, Example, LengthGroupedBatches, data_fingerprint, read_pairs, tokenize_pairs
+from .export import save_model_folder, save_outputs
 from .freeze import trainable_report
 from .guards import (TrainingStopped, check_engine_arguments, check_evaluation_settings, check_gradients,
-                     count_nonfinite, schedule_of)
-from .int4 import set_compute_dtype
+                     check_overfit_arguments, count_nonfinite, schedule_of)
 from .loss import TrainingLoss
 from .masks import IGNORE_INDEX
-from .models import check_length, freeze_unused_pooler, resolve_special_tokens
+from .models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
 from .noise import NoiseConfig, add_noise
 from .optim import build_adamw, build_scheduler, describe_groups, param_groups
 from .outputs import RunLock, claim_for_fresh_run
 from .precision import Precision
+from .recorder import Recorder
 from .runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
                        finish, subset)
 
@@ -64,15 +62,16 @@ class Engine:
             raise ValueError(f"TrainConfig.device={cfg.device!r}: no CUDA device is available here (torch "
                              f"{torch.__version__}); use device='cpu' or leave it None")
         self.dist = distributed.init_from_env(self.device.type == "cuda", cfg.dist_timeout_s)  # torchrun
+        self.recorder = Recorder(cfg.output_dir, self.dist.is_main, cfg.progress)  # prepare() opens the trackers
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = Precision(cfg.precision, self.device, model)
         for name in ("max_source_length", "max_target_length", "max_new_tokens"):
             check_length(model, name, getattr(cfg, name), f"TrainConfig.{name}")
         self.tokens = resolve_special_tokens(model, tokenizer)
-        freeze_unused_pooler(model, self._log)
+        freeze_unused_pooler(model, self.recorder.log)
         self.model = model.to(self.device)
-        set_compute_dtype(self.model, self.precision.dtype or torch.float32)  # 4-bit bases: the precision's dtype
+        self.precision.apply_to(self.model)  # layers with a compute dtype of their own compute in the precision's
         self.train_model, self.sharded = self.model, False  # under torchrun: the DDP wrapper / FSDP-sharded model
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)
@@ -97,7 +96,7 @@ class Engine:
         eval_full = self._tokenized(eval, "eval") if eval is not None else None
         eval_set = subset(eval_full, cfg.eval_max_samples, cfg.seed)
         steps_per_epoch, total_steps, epochs = schedule_of(cfg, len(examples), world)
-        check_evaluation_settings(cfg, eval is not None, total_steps)
+        check_evaluation_settings(cfg, eval is not None, total_steps, sharded=cfg.fsdp and self.dist.enabled)
         # global micro-batches of batch_size x world; rank r takes every world-th example of each
         sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size * world,
                                        cfg.seed, cfg.group_by_length)
@@ -109,21 +108,18 @@ class Engine:
         if cfg.grad_checkpointing:
             self.enable_checkpointing()
         self.model.train()
-        self._log(str(trainable_report(self.model)))
+        self.recorder.log(str(trainable_report(self.model)))
         if self.train_model is self.model and not self.sharded:  # not wrapped by an earlier prepare
             self.train_model, self.sharded = distributed.wrap(self.model, self.dist, cfg.fsdp, self.device)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss, self.sharded)
         self.build_optimizer(total_steps, warmup)
-        self._log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, batch "
-                  f"{cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), {self.precision}, "
-                  f"{self.loss.reason}, device {self.device}")
-        if cfg.best_metric and self.sharded:
-            raise ValueError("TrainConfig.best_metric is not supported with fsdp=True yet (the best weights would have "
-                             "to be gathered); keep the checkpoints (save_every) and pick one instead")
+        self.recorder.log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
+                          f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), "
+                          f"{self.precision}, {self.loss.reason}, device {self.device}")
         data_hash = data_fingerprint(examples)
         eval_hash = data_fingerprint(eval_full[1]) if eval_full is not None else None
         best = Best(cfg.best_metric, cfg.early_stopping_patience, cfg.early_stopping_threshold)
-        checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self._log, best, eval_hash)
+        checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self.recorder.log, best, eval_hash)
         self.global_step, self.nonfinite_in_a_row, start = 0, 0, (0, 0)
         if resume_path:
             state = load_checkpoint(resume_path, self.model, self.optimizer, self.scheduler, self.precision.scaler,
@@ -132,14 +128,12 @@ class Engine:
             self.global_step, start = state["step"], (state["epoch"], state["window"])
             self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
             self._checked_gradients = True
-            best.load(state.get("best"), checkpointer.directory)
-            if best.path and not os.path.isdir(best.path):
-                raise CheckpointError(f"cannot resume from {resume_path}: the best evaluation's checkpoint "
-                                      f"{best.path} ({best.metric} {best.value:.4g} at step {best.step}) is gone, and "
-                                      "model/ would need its weights; put that folder back, or start a fresh run")
+            best.load(state.get("best"), checkpointer.directory, resume_path)
             checkpointer.last, checkpointer.last_step = resume_path, self.global_step
             if self.dist.is_main:
                 print(f"resumed from {resume_path} at step {self.global_step}", flush=True)
+        self.recorder.close()  # the trackers of an earlier run, if any
+        self.recorder = Recorder(cfg.output_dir, self.dist.is_main, cfg.progress, cfg.report_to, cfg.to_dict())
         return TrainingRun(examples, eval_set, eval_full, sampler, total_steps, epochs, start, checkpointer, best)
 
     def build_optimizer(self, total_steps: int, warmup_steps: int, lr: float | None = None,
@@ -149,7 +143,7 @@ class Engine:
         lr = cfg.lr if lr is None else lr
         groups = param_groups(self.model, cfg.weight_decay if weight_decay is None else weight_decay, cfg.no_decay,
                               cfg.lr_overrides)
-        self._log(describe_groups(groups, lr))
+        self.recorder.log(describe_groups(groups, lr))
         self.optimizer = build_adamw(self.model, groups, lr, cfg.betas, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, schedule or cfg.schedule)
         return self.optimizer, self.scheduler
@@ -163,15 +157,8 @@ class Engine:
         self.train_model = torch.compile(self.train_model, **options)
 
     def enable_checkpointing(self):
-        """Non-reentrant activation checkpointing: it works when the inputs of the checkpointed blocks do not
-        require grad (frozen embeddings, int8 bases), where the reentrant variant silently drops gradients."""
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if hasattr(self.model.config, "use_cache"):
-            self.model.config.use_cache = False
+        """Non-reentrant activation checkpointing (finetune.models.enable_activation_checkpointing)."""
+        enable_activation_checkpointing(self.model)
 
     def windows(self, run: TrainingRun, epoch: int):
         """(index, window) of one epoch: `grad_accum` collated micro-batches each (this rank's share of every
@@ -230,12 +217,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # fit: prepare, then the loop
 
-    def fit(self, train, eval=None, resume: str | bool | None = None, on_step=None) -> dict:
+    def fit(self, train, eval=None, resume: str | bool | None = None, on_step=None, on_evaluate=None) -> dict:
         """Train on `train` (a .jsonl/.tsv/.csv path or a list of (source, target)); evaluate on `eval`.
 
         `resume="latest"` (or True, or a checkpoint folder) continues exactly where a run stopped. SIGTERM /
         SIGINT finish the current step, write a checkpoint and exit with status 128 + signal number.
-        `on_step(engine, stats)` is called after every step (a hook for trackers). The output folder is locked
+        `on_step(engine, stats)` is called after every step, `on_evaluate(engine, result)` after every
+        evaluation (hooks; `report_to` names the trackers the run records to itself). The output folder is locked
         for this process and, for a fresh run, must not hold another run's outputs (`overwrite_output_dir`).
         """
         resume = {True: "latest", False: None}.get(resume, resume) if isinstance(resume, bool) else resume
@@ -245,10 +233,14 @@ class Engine:
             if resume is None and self.dist.is_main:
                 removed = claim_for_fresh_run(self.config.output_dir, self.config.overwrite_output_dir)
                 if removed:
-                    self._log(f"overwrite_output_dir: removed the earlier run's {', '.join(removed)}")
-            return self._loop(self.prepare(train, eval, os.fspath(resume) if resume else None), on_step)
+                    self.recorder.log(f"overwrite_output_dir: removed the earlier run's {', '.join(removed)}")
+            run = self.prepare(train, eval, os.fspath(resume) if resume else None)
+            try:
+                return self._loop(run, on_step, on_evaluate)
+            finally:
+                self.recorder.close()  # the trackers' runs end with this one, however it ends
 
-    def _loop(self, run: TrainingRun, on_step) -> dict:
+    def _loop(self, run: TrainingRun, on_step, on_evaluate) -> dict:
         cfg, history, saver = self.config, {"train": [], "eval": []}, run.checkpointer
         log = StepLog(self, run.total_steps)
         position, stop = run.start, False  # (epoch, windows of it consumed): where a resume would pick up
@@ -274,25 +266,24 @@ class Engine:
                                   "resume with engine.fit(..., resume='latest')", flush=True)
                         raise SystemExit(128 + signum)
                     if run.eval_set is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
-                        stop = evaluate_during_fit(self, run, history, position, log)
+                        stop = evaluate_during_fit(self, run, history, position, on_evaluate)
                     saver.periodic(*position)  # after the evaluation: the checkpoint holds its bookkeeping
                     if stop:
                         break
                 if run.eval_set is not None and not cfg.eval_every and not stop:
-                    stop = evaluate_during_fit(self, run, history, position, log)
+                    stop = evaluate_during_fit(self, run, history, position, on_evaluate)
                 if stop:
                     break
         log.close()
         saver.periodic(*position, final=True)
-        finish(self, run, history, position, log)
+        finish(self, run, history, position, on_evaluate)
         return history
 
-    def _save_outputs(self, state: dict | None) -> str:
-        """model/ (plain transformers checkpoint, adapters merged) and, for LoRA, adapter/ beside it."""
-        path = self.save(os.path.join(self.config.output_dir, "model"), state_dict=state)
-        if not self.sharded:
-            save_adapter_folder(self.model, os.path.join(self.config.output_dir, "adapter"), self._log)
-        return path
+    def save_outputs(self, state: dict | None = None) -> str:
+        """OUTPUT_DIR/model (a plain transformers checkpoint) and what the method's layers write beside it
+        (finetune.export.save_outputs). `state`: a full state dict gathered from FSDP shards."""
+        return save_outputs(self.model, self.tokenizer, self.config.output_dir, state, self.recorder.log,
+                            extras=not self.sharded)
 
     # ------------------------------------------------------------------------------------------
     # evaluation and generation
@@ -323,10 +314,7 @@ class Engine:
         The check to run before a long job: loss should approach zero and token accuracy reach 100% within a
         few hundred steps. It changes the model's weights. Returns the per-step loss and token accuracy.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"overfit_batch: steps must be an integer >= 1, got {steps!r}")
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
-            raise ValueError(f"overfit_batch: lr must be a finite number > 0, got {lr!r}")
+        check_overfit_arguments(steps, lr)
         _, examples = self._tokenized(pairs, "overfit batch")
         window = [self.collate(examples)]
         self.model.train()
@@ -341,9 +329,9 @@ class Engine:
     # files and data
 
     def save(self, path: str, state_dict: dict | None = None) -> str:
-        """The model as a plain transformers checkpoint (LoRA merged, int8 dequantised) plus the tokenizer, into
-        `path`, swapped in atomically: at every instant `path` holds a complete model (finetune.export)."""
-        return save_model_folder(self.model, self.tokenizer, path, state_dict, self._log)
+        """The model as a plain transformers checkpoint (every wrapped layer in its plain form) plus the tokenizer,
+        into `path`, swapped in atomically: at every instant `path` holds a complete model (finetune.export)."""
+        return save_model_folder(self.model, self.tokenizer, path, state_dict, self.recorder.log)
 
     def _tokenized(self, data, name: str) -> Tokenized:
         cfg = self.config
@@ -351,7 +339,7 @@ class Engine:
         pairs = read_pairs(data, cfg.source_field, cfg.target_field, what)
         examples, report = tokenize_pairs(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
                                           self.tokens.decoder_start)
-        self._log(f"{name}: {report}")
+        self.recorder.log(f"{name}: {report}")
         return Tokenized(pairs, examples)
 
     def _noised(self, example: Example, epoch: int, index: int) -> Example:
@@ -360,13 +348,3 @@ class Engine:
             return example
         source = add_noise(example.input_ids, self.noise, self.tokenizer, seed=[self.config.seed, epoch, index])
         return Example(source, example.labels)
-
-    def _log(self, message: str):
-        if self.config.progress and self.dist.is_main:
-            print(message, flush=True)
-
-    def _append_metrics(self, record: dict):
-        if self.dist.is_main:
-            os.makedirs(self.config.output_dir, exist_ok=True)
-            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")

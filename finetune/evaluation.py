@@ -45,7 +45,7 @@ def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | N
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, predictions_file), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
-        engine._append_metrics({"split": "eval", **result})
+        engine.recorder.record({"split": "eval", **result})
     model.train(was_training)
     return result
 

@@ -1,8 +1,9 @@
 """The trained model as a plain `transformers` checkpoint, and a strict reload of it.
 
-The engine's surgery wraps layers (LoRALinear, Int8Linear, BitFit's LinearWithAddedBias), so the model's own
-state dict has keys its transformers class does not know (`q_proj.base_layer.weight`, `lora_A`, `inner.weight`,
-`q.base.weight`). `plain_state_dict` writes every wrapped layer back under the plain layer's names:
+The methods' surgery wraps layers (finetune.lora, finetune.int8, finetune.int4, BitFit's added biases in
+finetune.freeze), so the model's own state dict has keys its transformers class does not know
+(`q_proj.base_layer.weight`, `lora_A`, `inner.weight`, `q.base.weight`). Each wrapper says what plain layer it
+computes as (`plain_linear`), and `plain_state_dict` writes it back under the plain layer's names:
 
     LoRA          W + (alpha / r) B A   (nothing added when the layer is merged already)
     DoRA          m / ||W + (alpha / r) B A||_row * (W + (alpha / r) B A)
@@ -24,61 +25,33 @@ import shutil
 import torch
 from torch import nn
 
-from .freeze import LinearWithAddedBias
-from .lora import LoRALinear, lora_layers, merged_weight
-from .quant import is_quantized
 from .outputs import OutputDirError, replace_dir
 
 MARKER = "finetune_model.json"  # written into every model folder the engine saves; its presence makes loading strict
 
 
-def _float_linear(module: nn.Module, state: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) in float of a plain, int8 or added-bias linear layer found at `prefix` in `state`."""
-    if is_quantized(module):
-        plain = module.dequantize()
-        return plain.weight.detach(), None if plain.bias is None else plain.bias.detach()
-    if isinstance(module, LinearWithAddedBias):
-        return state[prefix + "base.weight"], state[prefix + "bias"]
-    return state[prefix + "weight"], state.get(prefix + "bias")
-
-
 def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict under the model class's own names (see the module docstring), and the names of layers
-    that carry a bias BitFit added. `state` is a full state dict gathered from FSDP shards (else the model's)."""
+    that carry an added bias. `state` is a full state dict gathered from FSDP shards (else the model's).
+
+    A wrapped layer is any module with `plain_linear(state, prefix) -> (weight, bias, added_bias)`: the outermost
+    one of each nest says what it computes as (a wrapper over a wrapper asks the inner one)."""
     state = dict(model.state_dict() if state is None else state)
-    wrappers = {}
-    inside = set()
+    wrappers, inside = {}, set()
     for name, module in model.named_modules():
-        if id(module) in inside:
+        if id(module) in inside or not hasattr(module, "plain_linear"):
             continue
-        if isinstance(module, (LoRALinear, LinearWithAddedBias)) or is_quantized(module):
-            wrappers[name] = module
-            inside.update(id(m) for m in module.modules() if m is not module)
-    added_biases = []
-    out_layers = {}
-    for name, module in wrappers.items():
-        prefix = name + "."
-        if isinstance(module, LoRALinear):
-            weight, bias = _float_linear(module.base_layer, state, prefix + "base_layer.")
-            if isinstance(module.base_layer, LinearWithAddedBias):
-                added_biases.append(name)
-            if not module.merged:
-                magnitude = state[prefix + "lora_magnitude_vector.weight"] if module.dora else None
-                weight = merged_weight(weight, state[prefix + "lora_A.weight"], state[prefix + "lora_B.weight"],
-                                       module.scaling, magnitude).to(weight.dtype)
-        else:
-            weight, bias = _float_linear(module, state, prefix)
-            if isinstance(module, LinearWithAddedBias):
-                added_biases.append(name)
-        out_layers[name] = (weight, bias)
+        wrappers[name] = module
+        inside.update(id(m) for m in module.modules() if m is not module)
+    plain = {name: module.plain_linear(state, name + ".") for name, module in wrappers.items()}
     for name in wrappers:
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
-    for name, (weight, bias) in out_layers.items():
+    for name, (weight, bias, _) in plain.items():
         state[name + ".weight"] = weight.detach().contiguous()
         if bias is not None:
             state[name + ".bias"] = bias.detach().contiguous()
-    return state, sorted(added_biases)
+    return state, sorted(name for name, (_, _, added) in plain.items() if added)
 
 
 def save_plain(model: nn.Module, tokenizer, path: str, state: dict | None = None,
@@ -127,18 +100,17 @@ def save_model_folder(model: nn.Module, tokenizer, path: str, state: dict | None
     return path
 
 
-def save_adapter_folder(model: nn.Module, path: str, log=print) -> str | None:
-    """A LoRA model's adapter alone into `path` (PEFT format; ours when it also trains whole tensors, which
-    PEFT's format cannot name), swapped in atomically. None when the model has no (unmerged) LoRA layers."""
-    from .adapters import save_adapter
+# What goes beside OUTPUT_DIR/model: folder name -> writer(model, path, log) returning the path, or None when the
+# model has nothing for it. finetune.adapters registers LoRA's "adapter" (its layers' adapter alone, PEFT format).
+BESIDE_MODEL: dict = {}
 
-    layers = lora_layers(model)
-    if not layers or any(m.merged for m in layers.values()) or not hasattr(model, "lora_config"):
-        return None
-    path = os.path.abspath(os.fspath(path))
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-    fmt = "finetune" if model.lora_config.get("also_train") else "peft"
-    save_adapter(model, path + ".tmp", format=fmt)
-    replace_dir(path + ".tmp", path)
-    log(f"adapter ({fmt} format) saved to {path}")
+
+def save_outputs(model: nn.Module, tokenizer, output_dir: str, state: dict | None = None, log=print,
+                 extras: bool = True) -> str:
+    """OUTPUT_DIR/model (`save_model_folder`), then each registered folder beside it (`BESIDE_MODEL`). Returns
+    model/'s path."""
+    path = save_model_folder(model, tokenizer, os.path.join(output_dir, "model"), state, log)
+    if extras:
+        for name, write in BESIDE_MODEL.items():
+            write(model, os.path.join(output_dir, name), log)
     return path

@@ -129,6 +129,10 @@ class LinearWithAddedBias(nn.Module):
     def forward(self, x):
         return self.base(x) + self.bias
 
+    def plain_linear(self, state: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(weight, bias, True: the bias is an added one) under the plain layer's names (finetune.export)."""
+        return state[prefix + "base.weight"], state[prefix + "bias"], True
+
     def extra_repr(self) -> str:
         return "bias added for BitFit (zero-initialised)"
 
@@ -162,7 +166,7 @@ def bitfit(model: nn.Module, also=(), add_missing_biases: bool = False) -> Train
     return trainable_report(model)
 
 
-def _add_biases_to(model: nn.Module, names) -> None:
+def add_biases_to(model: nn.Module, names) -> None:
     """Wrap the named bias-free nn.Linear layers in LinearWithAddedBias (reloading a saved BitFit T5)."""
     for name in names:
         try:
@@ -182,5 +186,5 @@ def _add_biases(model: nn.Module) -> int:
     names = [name for name, m in model.named_modules() if type(m) is nn.Linear and m.bias is None and m is not output]
     if not names:
         raise ValueError("bitfit: add_missing_biases found no bias-free nn.Linear layer to give a bias")
-    _add_biases_to(model, names)
+    add_biases_to(model, names)
     return len(names)

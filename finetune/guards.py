@@ -24,10 +24,14 @@ def schedule_of(config, examples: int, world: int = 1) -> tuple[int, int, int]:
     return per_epoch, total, math.ceil(total / per_epoch)
 
 
-def check_evaluation_settings(config, has_eval: bool, total_steps: int) -> None:
+def check_evaluation_settings(config, has_eval: bool, total_steps: int, sharded: bool = False) -> None:
     """Evaluation settings that could never act are refused before the first step (`Engine.prepare` and the
     preflight, `finetune check`, call this alike): evaluation settings without evaluation data, and a best model
-    or early stopping whose evaluations would all fall after the run's last step."""
+    or early stopping whose evaluations would all fall after the run's last step. `sharded`: FSDP (no best
+    model yet)."""
+    if config.best_metric and sharded:
+        raise ValueError("TrainConfig.best_metric is not supported with fsdp=True yet (the best weights would have to "
+                         "be gathered); keep the checkpoints (save_every) and pick one instead")
     if not has_eval:
         if config.best_metric:
             raise ValueError(f"TrainConfig.best_metric={config.best_metric!r} needs evaluation data: fit(train, "
@@ -101,3 +105,10 @@ def check_engine_arguments(model, tokenizer, config, noise) -> None:
                         f"{type(config).__name__}")
     if noise is not None and not isinstance(noise, NoiseConfig):
         raise TypeError(f"Engine: noise must be a NoiseConfig or None, got {type(noise).__name__}")
+
+
+def check_overfit_arguments(steps, lr) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"overfit_batch: steps must be an integer >= 1, got {steps!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
+        raise ValueError(f"overfit_batch: lr must be a finite number > 0, got {lr!r}")

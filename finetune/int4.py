@@ -6,7 +6,7 @@ time the weight is dequantised to the compute dtype. About 0.52 bytes per weight
 frozen: train LoRA adapters on top (`finetune.methods.apply_method(model, "qlora")`). bitsandbytes >= 0.45 runs
 NF4 and FP4 on CPU as well as CUDA.
 
-The compute dtype follows the engine's precision (`set_compute_dtype`, which the Engine calls): bf16 under
+The compute dtype follows the engine's precision (`set_compute_dtype`, which `Precision.apply_to` calls): bf16 under
 bf16 autocast, float16 under fp16, float32 otherwise. Unlike a bare `Linear4bit`, the wrapper never takes
 bitsandbytes' CPU inference path that repacks the weight in place and computes in bf16 (it would make
 evaluation compute differently from training); every forward is the training arithmetic.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quant import QuantizedLinear, QuantizeReport, bitsandbytes_module, is_quantized, replace_linears
+from .quant import QuantizedLinear, QuantizeReport, bitsandbytes_module, replace_linears
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -94,12 +94,3 @@ def quantize_4bit(model: nn.Module, skip=(), quant_type: str = "nf4", double_qua
     bitsandbytes_module("4-bit")
     return replace_linears(model, lambda linear: Int4Linear(linear, quant_type, double_quant, compute_dtype), skip,
                            f"quantize_4bit ({quant_type})")
-
-
-def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
-    """Give every 4-bit layer of the model this compute dtype (the engine passes its precision's). Returns how
-    many layers it set."""
-    layers = [m for m in model.modules() if is_quantized(m) and hasattr(m, "set_compute_dtype")]
-    for layer in layers:
-        layer.set_compute_dtype(dtype)
-    return len(layers)

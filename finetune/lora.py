@@ -21,6 +21,7 @@ from .freeze import freeze_all, unfreeze
 from .patterns import compile_patterns
 from .quant import is_quantized
 
+DEFAULT_R, DEFAULT_ALPHA, DEFAULT_DROPOUT = 16, 32.0, 0.05  # as people use LoRA (DESIGN.md); written here only
 
 
 class Magnitude(nn.Module):
@@ -53,15 +54,15 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 class LoRALinear(nn.Module):
     """A frozen linear layer (float, int8 or 4-bit) plus a trainable low-rank update; with `dora=True`, DoRA."""
 
-    def __init__(self, base: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05, rslora: bool = False,
-                 dora: bool = False):
+    def __init__(self, base: nn.Module, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
+                 dropout: float = DEFAULT_DROPOUT, rslora: bool = False, dora: bool = False):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRALinear: r must be >= 1, got {r}")
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.rslora, self.dora = r, alpha, rslora, bool(dora)
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.r, self.rslora, self.dora = r, rslora, bool(dora)
+        self.set_alpha(alpha)
         weight = base.weight
         float_dtype = weight.dtype if weight.dtype.is_floating_point and not is_quantized(base) else torch.float32
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=float_dtype)
@@ -78,6 +79,11 @@ class LoRALinear(nn.Module):
             with torch.no_grad():  # B = 0: the magnitude starts at the base's row norms, so the output is unchanged
                 norm = torch.linalg.norm(float_weight(base).float(), dim=1)
             self.lora_magnitude_vector = Magnitude(norm.to(float_dtype))
+
+    def set_alpha(self, alpha: float) -> None:
+        """alpha and the scale it gives: alpha / r (rsLoRA: alpha / sqrt(r))."""
+        self.alpha = alpha
+        self.scaling = alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -165,6 +171,22 @@ class LoRALinear(nn.Module):
             weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
 
+    # ---- the layer's part in saving (finetune.export): the plain weight it computes with
+
+    def plain_linear(self, state: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(weight, bias, bias added by BitFit) of the plain linear layer this one computes as, from `state` (a
+        full state dict) at `prefix`: the base's, with W + sBA (DoRA: m / ||W + sBA|| (W + sBA)) unless merged."""
+        base = self.base_layer
+        if hasattr(base, "plain_linear"):
+            weight, bias, added = base.plain_linear(state, prefix + "base_layer.")
+        else:
+            weight, bias, added = state[prefix + "base_layer.weight"], state.get(prefix + "base_layer.bias"), False
+        if not self.merged:
+            magnitude = state[prefix + "lora_magnitude_vector.weight"] if self.dora else None
+            weight = merged_weight(weight, state[prefix + "lora_A.weight"], state[prefix + "lora_B.weight"],
+                                   self.scaling, magnitude).to(weight.dtype)
+        return weight, bias, added
+
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{', rslora' if self.rslora else ''}"
                 f"{', DoRA' if self.dora else ''}, merged={self.merged}")
@@ -178,7 +200,7 @@ def default_targets(model: nn.Module) -> list[str]:
     return list(family.lora_targets)
 
 
-def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Linear layers by module name: nn.Linear and the Int8Linear wrapper, not the parts inside wrappers."""
     inside = set()
     for module in model.modules():
@@ -197,7 +219,8 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def lora_plan(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05, exclude=(),
+def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
+              dropout: float = DEFAULT_DROPOUT, exclude=(),
               rank_pattern: dict | None = None, alpha_pattern: dict | None = None, dora: bool = False,
               also_train=()) -> tuple[list[str], list[str]]:
     """Check LoRA's settings against the model and say what `apply_lora` would wrap, changing nothing: (target
@@ -233,7 +256,7 @@ def lora_plan(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dr
     targets = list(targets) if targets else default_targets(model)
     regexes = compile_patterns(targets, "apply_lora targets")
     excluded = compile_patterns(exclude, "apply_lora exclude")
-    layers = _linear_layers(model)
+    layers = linear_layers(model)
     wrapped_already = [n for n, m in layers.items() if isinstance(m, LoRALinear) and any(rx.search(n) for rx in regexes)]
     if wrapped_already:
         raise ValueError(f"apply_lora: {len(wrapped_already)} target layer(s) already have LoRA (e.g. "
@@ -243,11 +266,12 @@ def lora_plan(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dr
     unmatched = [rx.pattern for rx in regexes if not any(rx.search(n) for n in names)]
     if unmatched:
         raise ValueError(f"apply_lora: target pattern(s) {unmatched} match no linear layer "
-                         f"(linear layers look like {_some_linear_names(model)})")
+                         f"(linear layers look like {some_linear_names(model)})")
     return targets, names
 
 
-def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, dropout: float = 0.05,
+def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
+               dropout: float = DEFAULT_DROPOUT,
                also_train=(), rslora: bool = False, exclude=(), rank_pattern: dict | None = None,
                alpha_pattern: dict | None = None, dora: bool = False) -> list[str]:
     """Wrap the linear layers whose module name matches a target regex; freeze everything else.
@@ -286,7 +310,7 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32, d
     return wrapped
 
 
-def _some_linear_names(model, n=4):
+def some_linear_names(model, n=4):
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:n]
 
 

@@ -221,9 +221,9 @@ def _load_added_biases(model, path: str, added: list[str], unexpected: list[str]
     """A saved BitFit T5: put the added biases back (they are `unexpected` to the plain class)."""
     from safetensors import safe_open
 
-    from .freeze import _add_biases_to
+    from .freeze import add_biases_to
 
-    _add_biases_to(model, added)
+    add_biases_to(model, added)
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     wanted = {f"{name}.bias" for name in added}
     found = {}
@@ -307,6 +307,18 @@ def bert2bert_by_name(name: str) -> Bert2Bert:
     built = bert2bert(minilm_path() if name == "minilm" else name)
     print(f"warm-started bert2bert from {name}: {len(built.new_parameters)} tensors newly initialised")
     return built
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing: it works when the inputs of the checkpointed blocks do not require
+    grad (frozen embeddings, int8 bases), where the reentrant variant silently drops gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

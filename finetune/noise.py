@@ -148,7 +148,7 @@ def add_noise(token_ids, config: NoiseConfig, tokenizer, seed) -> list[int]:
         hit = set(_take(rng, [i for i, (_, free) in enumerate(seq) if free], config.mask_rate))
         seq = [(mask_id, False) if i in hit else x for i, x in enumerate(seq)]
     if config.infill_rate:
-        seq = _infill(seq, rng, config.infill_rate, config.poisson_lambda, mask_id)[0]
+        seq = infill_spans(seq, rng, config.infill_rate, config.poisson_lambda, mask_id)[0]
     out = [t for t, _ in seq]
     if config.permute_sentences:
         out = _permute_sentences(out, rng, special, tokenizer)
@@ -157,7 +157,7 @@ def add_noise(token_ids, config: NoiseConfig, tokenizer, seed) -> list[int]:
     return out
 
 
-def _infill(seq, rng, rate: float, lam: float, mask_id: int):
+def infill_spans(seq, rng, rate: float, lam: float, mask_id: int):
     """Text infilling; returns (new sequence, the sampled span lengths).
 
     Span lengths are drawn from Poisson(lam) until they cover round(rate * n) of the n corruptible tokens

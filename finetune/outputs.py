@@ -186,7 +186,7 @@ def _renameat2():
 _RENAMEAT2 = _renameat2()
 
 
-def _exchange(a: str, b: str) -> bool:
+def exchange_dirs(a: str, b: str) -> bool:
     """Atomically swap two paths (both must exist). False where the system cannot."""
     if _RENAMEAT2 is None:
         return False
@@ -225,7 +225,7 @@ def replace_dir(tmp: str, path: str) -> None:
     """Put the complete folder `tmp` at `path`, replacing what is there, with no instant without `path`."""
     recover_dir(path)
     fsync_tree(tmp)
-    if os.path.isdir(path) and _exchange(tmp, path):
+    if os.path.isdir(path) and exchange_dirs(tmp, path):
         shutil.rmtree(tmp)  # now holds the previous folder
         return
     if os.path.exists(path):

@@ -80,6 +80,13 @@ class Precision:
         self.dtype = DTYPES[name]
         self.scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=name == "fp16")
 
+    def apply_to(self, model) -> None:
+        """Tell the layers that compute in a dtype of their own (a module with `set_compute_dtype`: the 4-bit
+        bases) the dtype this precision computes in (float32 for fp32)."""
+        for module in model.modules():
+            if hasattr(module, "set_compute_dtype"):
+                module.set_compute_dtype(self.dtype or torch.float32)
+
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()

@@ -2,8 +2,8 @@
 making a quantised model trainable with adapters.
 
 The wrappers (finetune.int8.Int8Linear, finetune.int4.Int4Linear) carry `is_quantized_linear = True`, expose
-`in_features`, `out_features`, `weight`, `bias`, `dequantize()` (a float nn.Linear) and `weight_bytes()`, and
-are frozen: adapters train on top of them (finetune.lora).
+`in_features`, `out_features`, `weight`, `bias`, `dequantize()` (a float nn.Linear), `plain_linear()` (what
+finetune.export saves) and `weight_bytes()`, and are frozen: adapters train on top of them (finetune.lora).
 """
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ class QuantizedLinear(nn.Module):
         finally:
             self.inner.bias = bias
         return out + bias.to(out.dtype)
+
+    def plain_linear(self, state: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(weight, bias, bias added by BitFit) of the float layer the codes stand for (finetune.export)."""
+        plain = self.dequantize()
+        return plain.weight.detach(), None if plain.bias is None else plain.bias.detach(), False
 
     def dequantize(self) -> nn.Linear:
         """A float32 nn.Linear holding the weight the quantised codes stand for, and the bias."""

@@ -5,7 +5,7 @@
               new_lr = 1e-3      (learning rate of the newly initialised tensors)
               dropout = 0.0      (every dropout layer of the model; default: the checkpoint's)
     [method]  name = "full" | "frozen-encoder" | "bitfit" | "lora" | "int8-lora" | "dora" | "qlora", and its
-              settings
+              settings as finetune.methods declares them (lora_r, lora_alpha, ..., quant_type), freeze / unfreeze
     [data]    train = "file.jsonl" | "codespell:train", eval = ..., train_limit / eval_limit
     [train]   any TrainConfig field
     [noise]   any NoiseConfig field (optional)
@@ -20,13 +20,13 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-from .config import TrainConfig, _fits
+from .config import TrainConfig, fits
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, from PyPI (a dependency on those versions)
     import tomli as tomllib
-from .methods import METHODS, settings_of
+from .methods import METHODS, REGISTRY, method
 from .noise import NoiseConfig
 
 
@@ -44,35 +44,37 @@ class ModelSection:
 
 @dataclass
 class MethodSection:
+    """[method]: `name`, `freeze` / `unfreeze` regexes, and the method's own settings, read from its declaration
+    (finetune.methods: each setting's default, type and check are written there once)."""
     name: str = "full"
     freeze: list[str] = field(default_factory=list)
     unfreeze: list[str] = field(default_factory=list)
-    lora_targets: list[str] | None = None
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    add_missing_biases: bool = False
-    int8_threshold: float = 6.0
-    quant_type: str = "nf4"
-    double_quant: bool = True
+    settings: dict = field(default_factory=dict)  # what the run file set, checked against the method
 
-    def __post_init__(self):
-        if self.name not in METHODS:
-            raise ValueError(f"[method] name = {self.name!r}: choose one of {', '.join(METHODS)}")
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"[method] quant_type = {self.quant_type!r}: choose \"nf4\" or \"fp4\"")
-        for key in self.settings():
-            if key not in settings_of(self.name):
-                raise ValueError(f"[method] {key}: method {self.name!r} has no such setting (its settings: "
-                                 f"{', '.join(settings_of(self.name)) or 'none'})")
-
-    def settings(self) -> dict:
-        """The method's settings that differ from their defaults (what the run file set)."""
-        defaults = MethodSection.__dataclass_fields__
-        return {k: getattr(self, k) for k in ("lora_targets", "lora_r", "lora_alpha", "lora_dropout",
-                                              "add_missing_biases", "int8_threshold", "quant_type",
-                                              "double_quant")
-                if getattr(self, k) != defaults[k].default}
+    @classmethod
+    def from_table(cls, values: dict, where: str) -> "MethodSection":
+        name = values.get("name", "full")
+        if not isinstance(name, str) or name not in METHODS:
+            raise ValueError(f"{where}: [method] name = {name!r}: choose one of {', '.join(METHODS)}")
+        declared = method(name)
+        any_method = {s.name for m in REGISTRY.values() for s in m.settings}
+        lists = {}
+        for key in ("freeze", "unfreeze"):
+            value = values.get(key, [])
+            if not fits(value, list[str]) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}: key '{key}' has {type(value).__name__} {value!r}, expected a list of "
+                                 "regex strings")
+            lists[key] = list(value)
+        settings = {k: v for k, v in values.items() if k not in ("name", "freeze", "unfreeze")}
+        for key in settings:
+            if key not in any_method:
+                raise ValueError(f"{where}: unknown key '{key}' (known: name, freeze, unfreeze, and the method's "
+                                 f"settings: {', '.join(declared.defaults) or 'none'})")
+            if key not in declared.defaults:
+                raise ValueError(f"{where}: [method] {key}: method {name!r} has no such setting (its settings: "
+                                 f"{', '.join(declared.defaults) or 'none'})")
+        resolved = declared.resolve(settings, where, prefix="[method] ")
+        return cls(name, lists["freeze"], lists["unfreeze"], {k: resolved[k] for k in settings})
 
 
 @dataclass
@@ -99,6 +101,8 @@ SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection,
 def _section(cls, values: dict, where: str):
     if cls is TrainConfig:
         return TrainConfig.from_dict(values, where)
+    if cls is MethodSection:
+        return MethodSection.from_table(values, where)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key, value in values.items():
@@ -108,7 +112,7 @@ def _section(cls, values: dict, where: str):
             if not isinstance(value, str):
                 raise ValueError(f"{where}: key 'protect' must be a rule name such as \"last_word\"")
             continue
-        if not _fits(value, hints[key]):
+        if not fits(value, hints[key]):
             raise ValueError(f"{where}: key '{key}' has {type(value).__name__} {value!r}, expected {hints[key]}")
     try:
         return cls(**values)
@@ -214,7 +218,7 @@ def build_run(run: RunConfig) -> BuiltRun:
         from .models import set_dropout
 
         set_dropout(model, run.model.dropout)
-    apply_method(model, run.method.name, new, **run.method.settings())
+    apply_method(model, run.method.name, new, **run.method.settings)
     if run.method.freeze:
         freeze(model, run.method.freeze)
     if run.method.unfreeze:

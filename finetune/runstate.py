@@ -8,7 +8,8 @@ names the newest one written. Under torchrun every rank takes part in a save (RN
 gathered) and rank 0 writes.
 
 `StepLog`: every `log_every` steps one record (loss and token accuracy over the steps since the last record,
-learning rate, gradient norm, samples/s) to metrics.jsonl, the returned history and the progress bar.
+learning rate, gradient norm, samples/s) to the run's recorder (finetune.recorder), the returned history and the
+progress bar.
 
 `StopOnSignal`: while active, SIGTERM and SIGINT only record the signal; the loop checks it after each step,
 saves a checkpoint and exits with status 128 + signal.
@@ -25,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 from . import distributed
-from .checkpoint import load_model_tensors, rng_state, save_checkpoint
+from .checkpoint import CheckpointError, load_model_tensors, rng_state, save_checkpoint
 from .data import Example, LengthGroupedBatches
 from .guards import TrainingStopped
 
@@ -94,9 +95,9 @@ class Best:
                 "checkpoint": os.path.basename(os.path.normpath(self.path)) if self.path else None,
                 "since": self.since}
 
-    def load(self, state: dict | None, directory: str) -> None:
+    def load(self, state: dict | None, directory: str, resumed_from: str = "") -> None:
         """Restore from a checkpoint's state; the best checkpoint is looked up by name in `directory` (the run's
-        checkpoints folder now, wherever the run folder was when it was written)."""
+        checkpoints folder now, wherever the run folder was when it was written), and must be there."""
         if not state:
             return
         self.step, self.since = state["step"], state["since"]
@@ -106,6 +107,10 @@ class Best:
         self.path = os.path.join(directory, name) if name and self.value is not None else None
         if self.value is None:
             self.step = None  # a non-finite best (written before non-finite values were refused) is no best
+        if self.path and not os.path.isdir(self.path):
+            raise CheckpointError(f"cannot resume from {resumed_from}: the best evaluation's checkpoint {self.path} "
+                                  f"({self.metric} {self.value:.4g} at step {self.step}) is gone, and model/ would "
+                                  "need its weights; put that folder back, or start a fresh run")
 
 
 class Checkpointer:
@@ -185,7 +190,7 @@ class StopOnSignal:
 
 class StepLog:
     """Every `log_every` steps: one record (loss and token accuracy over the steps since the last one, samples/s)
-    to metrics.jsonl, the history and the progress bar."""
+    to the run's recorder (metrics.jsonl and the trackers), the history and the progress bar."""
 
     def __init__(self, engine, total_steps: int):
         from tqdm.auto import tqdm
@@ -194,14 +199,6 @@ class StepLog:
         enabled = engine.config.progress and engine.dist.is_main
         self.bar = tqdm(total=total_steps, initial=engine.global_step, disable=not enabled, desc="train",
                         dynamic_ncols=True)
-        self.writer = None
-        if "tensorboard" in engine.config.report_to and engine.dist.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ImportError("report_to=['tensorboard'] needs the tensorboard package: pip install -e "
-                                  "'.[tensorboard]'") from err
-            self.writer = SummaryWriter(os.path.join(engine.config.output_dir, "tensorboard"))
 
     def step(self, stats: dict, epoch: int, history: dict) -> None:
         self.stats.append(stats)
@@ -219,35 +216,20 @@ class StepLog:
                   "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
                   "samples_per_s_per_rank": samples / seconds / self.engine.dist.world_size}
         history["train"].append(record)
-        self.engine._append_metrics(record)
-        self.scalars("train", record)
+        self.engine.recorder.record(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              samples_s=f"{record['samples_per_s']:.1f}")
         self.stats, self.started = [], time.perf_counter()
 
-    def scalars(self, prefix: str, record: dict) -> None:
-        """Every number of a record as a TensorBoard scalar `prefix/name` at the current step."""
-        if self.writer is None:
-            return
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
-                self.writer.add_scalar(f"{prefix}/{key}", value, self.engine.global_step)
-        self.writer.flush()
-
     def close(self) -> None:
         self.bar.close()
-
-    def end(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 # --------------------------------------------------------------------------------------------------------------
 # What `Engine.fit` does at an evaluation and at the end (its loop stays on one screen)
 
 
-def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, log) -> bool:
+def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, on_evaluate=None) -> bool:
     """Rank 0 evaluates (greedy by default, on the evaluation subset) while the others wait; every rank then
     updates the best-so-far alike, and the best evaluation's weights are kept as a checkpoint pruning never
     deletes. An evaluation that fails first saves the training, then stops the run saying where it is.
@@ -258,14 +240,15 @@ def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, log) 
             result = engine.evaluate(run.eval_set, num_beams=cfg.eval_num_beams)
         except Exception as err:
             saved = [saver.save(*position)] if not engine.dist.enabled else []
-            saved += [engine._save_outputs(None)] if cfg.save_model else []
+            saved += [engine.save_outputs()] if cfg.save_model else []
             raise TrainingStopped(f"evaluation at step {engine.global_step} failed ({type(err).__name__}: {err}); "
                                   f"the training up to here is saved: {', '.join(filter(None, saved)) or 'nothing'}"
                                   ) from err
         history["eval"].append(result)
-        log.scalars("eval", result)
     result = distributed.broadcast_object(result, engine.dist) if engine.dist.enabled else result
     engine.model.train()
+    if on_evaluate is not None:
+        on_evaluate(engine, result)
     best = run.best
     if best.metric and not math.isfinite(float(result[best.metric])):
         warnings.warn(f"step {engine.global_step}: evaluation {best.metric} is {result[best.metric]}: never the best "
@@ -273,20 +256,19 @@ def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, log) 
     if best.update(result, engine.global_step):
         best.path = os.path.join(saver.directory, f"step-{engine.global_step:08d}")
         saver.save(*position)
-        engine._log(f"step {engine.global_step}: best {best.metric} so far, {best.value:.4g}; weights kept in "
+        engine.recorder.log(f"step {engine.global_step}: best {best.metric} so far, {best.value:.4g}; weights kept in "
                   f"{best.path}")
     if not best.stop:
         return False
     so_far = f"best {best.value:.4g} at step {best.step}" if best.path else "no finite value yet"
     reason = (f"early stopping at step {engine.global_step}: {best.metric} has not improved by more than "
               f"{best.threshold:g} in {best.since} evaluations ({so_far})")
-    engine._log(reason)
-    engine._append_metrics({"split": "event", "event": "early_stopping", "step": engine.global_step,
-                          "reason": reason})
+    engine.recorder.log(reason)
+    engine.recorder.event("early_stopping", engine.global_step, reason=reason)
     history["stopped_early"] = reason
     return True
 
-def finish(engine, run: TrainingRun, history: dict, position, log) -> None:
+def finish(engine, run: TrainingRun, history: dict, position, on_evaluate=None) -> None:
     """model/ (the best evaluation's weights when best_metric is set; the last checkpoint keeps the last
     ones), then the final evaluation on all the evaluation data with the configured beams."""
     cfg, saver, best = engine.config, run.checkpointer, run.best
@@ -294,24 +276,24 @@ def finish(engine, run: TrainingRun, history: dict, position, log) -> None:
         if saver.last_step != engine.global_step:
             saver.save(*position)  # the last weights, before model/ takes the best ones
         load_model_tensors(best.path, engine.model)
-        engine._log(f"model/ holds the best evaluation's weights (step {best.step}, {best.metric} "
+        engine.recorder.log(f"model/ holds the best evaluation's weights (step {best.step}, {best.metric} "
                   f"{best.value:.4g}); the last weights (step {engine.global_step}) are in {saver.last}")
-        engine._append_metrics({"split": "event", "event": "best_model", "step": best.step, "path": best.path,
-                              best.metric: best.value, "last_checkpoint": saver.last})
+        engine.recorder.event("best_model", best.step, path=best.path, last_checkpoint=saver.last,
+                              **{best.metric: best.value})
         history["best"] = best.state()
     if cfg.save_model:
         # under FSDP the shards are gathered first: a collective, so every rank takes part
         state = distributed.full_state_dict(engine.model) if engine.sharded else None
         if engine.dist.is_main:
-            engine._log(f"model saved to {engine._save_outputs(state)}")
+            engine.recorder.log(f"model saved to {engine.save_outputs(state)}")
     last_eval = history["eval"][-1] if history["eval"] else None
     repeat = last_eval is not None and last_eval["step"] == engine.global_step and not best.path and \
         run.eval_set is run.eval_full and cfg.eval_num_beams == cfg.num_beams
     if run.eval_full is not None and engine.dist.is_main and not repeat:
         final = engine.evaluate(run.eval_full, predictions_file="eval_predictions.jsonl", final=True)
         history["final_eval"] = final
-        log.scalars("final_eval", final)
-    log.end()
+        if on_evaluate is not None:
+            on_evaluate(engine, final)
     distributed.barrier(engine.dist)
 
 

@@ -3,8 +3,6 @@ given as mappings (issue "Training that keeps its best model and tells you it is
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -222,15 +220,16 @@ def test_check_fails_on_a_mismatched_pad_id(tmp_path):
     assert "pad_token_id disagrees" in _failed(report)["special tokens"]
 
 
-def test_finetune_check_command_exits_nonzero_on_fail(tmp_path):
+def test_finetune_check_command_exits_nonzero_on_fail(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in SPELLING))
     run = tmp_path / "run.toml"
     run.write_text(f'[model]\nname = "tiny-bart"\n[method]\nname = "full"\nfreeze = [".*"]\n[data]\ntrain = "{data}"\n'
                    f'[train]\nprogress = false\noutput_dir = "{tmp_path / "out"}"\n')
-    out = subprocess.run([sys.executable, "-m", "finetune", "check", str(run), "--steps", "5"], capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 1 and "FAIL  parameter groups" in out.stdout and "nothing is trainable" in out.stdout
+    from finetune.cli import main
+
+    code, out = main(["check", str(run), "--steps", "5"]), capsys.readouterr().out  # `finetune check RUN --steps 5`
+    assert code == 1 and "FAIL  parameter groups" in out and "nothing is trainable" in out
 
 
 # --- logs and data ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from finetune.models import char_tokenizer
-from finetune.noise import NoiseConfig, _infill, add_noise, last_word_positions
+from finetune.noise import NoiseConfig, infill_spans, add_noise, last_word_positions
 
 TOK = char_tokenizer("bart")
 TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine! where is my hat?"
@@ -42,7 +42,7 @@ def test_infilling_span_lengths_and_covered_fraction():
     seq = [(t, True) for t in range(5, 2005)]
     all_lengths, covered = [], []
     for _ in range(50):
-        out, lengths = _infill(seq, rng, 0.3, 3.0, MASK)
+        out, lengths = infill_spans(seq, rng, 0.3, 3.0, MASK)
         all_lengths += lengths[:-1]  # the last span is trimmed to hit the target exactly
         kept = sum(1 for t, _ in out if t != MASK)
         covered.append((len(seq) - kept) / len(seq))
@@ -55,7 +55,7 @@ def test_zero_length_span_inserts_a_mask():
     rng = np.random.default_rng(0)
     seq = [(t, True) for t in range(5, 105)]
     for _ in range(200):
-        out, lengths = _infill(seq, rng, 0.05, 0.0001, MASK)  # lambda ~ 0: almost every span has length 0
+        out, lengths = infill_spans(seq, rng, 0.05, 0.0001, MASK)  # lambda ~ 0: almost every span has length 0
         if lengths and all(x == 0 for x in lengths):
             assert len(out) > len(seq)  # spans of 0 insert rather than replace
             return

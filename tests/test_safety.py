@@ -2,11 +2,9 @@
 before the first step, and nothing is lost (issue "Never silently wrong"; one test per finding, numbered)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from finetune.adapters import load_adapter, save_adapter
 from finetune.lora import lora_layers
 from finetune.methods import apply_method
 from finetune.models import ModelNotAvailable, load_seq2seq, tiny_bart, tiny_bert2bert, tiny_t5
-from finetune.outputs import OutputDirError, RunLock
+from finetune.outputs import OutputDirError
 
 DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(24)]
 
@@ -240,7 +238,7 @@ def test_a_save_interrupted_between_two_renames_is_repaired(tmp_path, monkeypatc
     model, tok = tiny_bart()
     engine = Engine(model, tok, cfg(tmp_path))
     path = engine.save(str(tmp_path / "model"))
-    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)  # a system without renameat2
+    monkeypatch.setattr(outputs, "exchange_dirs", lambda a, b: False)  # a system without renameat2
     real_replace = os.replace
 
     def killed_after_first_rename(src, dst):
@@ -307,7 +305,7 @@ def test_adapter_alpha_replaces_the_model_layers_alpha(tmp_path):
 
 
 def test_peft_rank_and_alpha_patterns_match_peft(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     base, tok = tiny_bart()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
@@ -514,12 +512,7 @@ def test_engine_refuses_what_is_not_a_model_tokenizer_or_config(tmp_path):
         Engine(model, tok, config)
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def test_cli_reports_broken_models_and_paths_in_one_line(tmp_path):
+def test_cli_reports_broken_models_and_paths_in_one_line(tmp_path, monkeypatch, capsys):
     model, tok = tiny_bart()
     model.save_pretrained(str(tmp_path / "trunc"))
     tok.save_pretrained(str(tmp_path / "trunc"))
@@ -536,11 +529,14 @@ def test_cli_reports_broken_models_and_paths_in_one_line(tmp_path):
              (("train", "run.toml"), "exists and is a file"),
              (("train", "run.toml", "--set", "train.output_dir='o2'", "--resume", "latest"), "no checkpoint to resume"),
              (("train", "run.toml", "--set", "train.lr=inf"), "TrainConfig.lr=inf")]
-    for args, message in cases:
-        out = _cli(*args, cwd=tmp_path)
-        errors = [line for line in out.stderr.splitlines() if line.startswith("finetune ")]
-        assert out.returncode == 2, (args, out.stderr[-500:])
-        assert "Traceback" not in out.stderr and len(errors) == 1 and message in errors[0], (args, out.stderr[-500:])
+    monkeypatch.chdir(tmp_path)
+    from finetune.cli import main
+
+    for args, message in cases:  # in this process: `python -m finetune ARGS` is main(ARGS) (test_cli starts one)
+        code, err = main(list(args)), capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("finetune ")]
+        assert code == 2, (args, err[-500:])
+        assert "Traceback" not in err and len(errors) == 1 and message in errors[0], (args, err[-500:])
 
 
 def test_overwrite_leaves_nothing_stale_from_the_earlier_run(tmp_path):
