@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from finetune.methods import METHODS, exact_names_pattern, settings_of  # noqa: E402
+from finetune.optim import OPTIMIZERS, optimizer_state_bytes  # noqa: E402
 
 MODELS = ("minilm", "bart-base", "t5-base")
 # PEFT's target_modules as one regex (full match), equal to what finetune.methods wraps: BART q_proj/v_proj,
@@ -164,6 +165,7 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
     from finetune import Engine, TrainConfig
 
     train_cfg = TrainConfig(lr=1e-4, batch_size=cfg["batch_size"], precision=cfg["precision"],
+                            optimizer=cfg.get("optimizer", "adamw"),
                             grad_checkpointing=cfg["checkpointing"], progress=False, device=device,
                             fused_loss={"on": True, "off": False}.get(cfg.get("fused_loss", "auto")),
                             output_dir=tempfile.mkdtemp(), save_model=False)
@@ -185,7 +187,11 @@ def run_ours(cfg: dict, model, tok, examples, device: str):
         engine.train_step(w)
     if device == "cuda":
         torch.cuda.synchronize()
+    cfg["optimizer_state_bytes"] = optimizer_state_bytes(engine.optimizer)
     return time.perf_counter() - start
+
+
+PEER_OPTIM = {"adamw": "adamw_torch", "adafactor": "adafactor", "adamw8bit": "adamw_bnb_8bit"}  # HF Trainer's names
 
 
 def peer_model(model, method: str, new):
@@ -251,7 +257,8 @@ def run_peer(cfg: dict, model, tok, examples, device: str):
         learning_rate=1e-4, weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=0, logging_steps=10**6,
         save_strategy="no", report_to=[], bf16=cfg["precision"] == "bf16", fp16=cfg["precision"] == "fp16",
         gradient_checkpointing=cfg["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-        use_cpu=device == "cpu", dataloader_num_workers=0, optim="adamw_torch", max_grad_norm=1.0,
+        use_cpu=device == "cpu", dataloader_num_workers=0, optim=PEER_OPTIM[cfg.get("optimizer", "adamw")],
+        max_grad_norm=1.0,
         disable_tqdm=True, seed=0,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data,
@@ -286,9 +293,11 @@ def worker(cfg: dict) -> dict:
     samples = cfg["steps"] * cfg["batch_size"]
     result = {**{k: v for k, v in cfg.items() if k != "new"}, "device": device,
               "samples_per_s": samples / seconds, "target_tokens_per_s": samples * cfg["tgt_len"] / seconds,
-              "peak_memory_mib": peak_memory_mib(device)}
+              "peak_memory_mib": peak_memory_mib(device),
+              "peak_rss_whole_life_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if report is not None:
-        result.update(trainable=report.trainable, total=report.total)
+        result.update(trainable=report.trainable, total=report.total,
+                      optimizer_state_bytes_per_param=cfg["optimizer_state_bytes"] / report.trainable)
         peak = matmul_peak(cfg["precision"] if cfg["precision"] != "fp16" or device == "cuda" else "fp32", device)
         result.update(matmul_peak_tflops=peak / 1e12, mfu=flops * samples / seconds / peak)
     return result
@@ -324,12 +333,14 @@ def configurations(args) -> list[dict]:
         for method in args.methods:
             for ckpt in args.checkpointing:
                 for precision in precisions:
-                    base = dict(model=model, method=method, checkpointing=ckpt, precision=precision,
-                                batch_size=args.batch_size, src_len=args.src_len, tgt_len=args.tgt_len,
-                                warmup=args.warmup, steps=args.steps, fused_loss=args.fused_loss)
-                    out.append({**base, "engine": "ours"})
-                    if args.peers:
-                        out.append({**base, "engine": "peer"})
+                    for optimizer in args.optimizers:
+                        base = dict(model=model, method=method, checkpointing=ckpt, precision=precision,
+                                    batch_size=args.batch_size, src_len=args.src_len, tgt_len=args.tgt_len,
+                                    warmup=args.warmup, steps=args.steps, fused_loss=args.fused_loss,
+                                    optimizer=optimizer)
+                        out.append({**base, "engine": "ours"})
+                        if args.peers:
+                            out.append({**base, "engine": "peer"})
     return out
 
 
@@ -357,7 +368,7 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def key(r):
-    return (r["model"], r["method"], r["checkpointing"], r["precision"])
+    return (r["model"], r["method"], r["checkpointing"], r["precision"], r.get("optimizer", "adamw"))
 
 
 def markdown(results: list[dict], info: dict) -> str:
@@ -365,13 +376,15 @@ def markdown(results: list[dict], info: dict) -> str:
     peers = {key(r): r for r in results if r["engine"] == "peer"}
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if "gpu" in info else "") +
              f"; torch {info['torch']}, transformers {info['transformers']}.", "",
-             "| model | method | ckpt | precision | trainable | samples/s | tokens/s | peak MiB | MFU | "
-             "peer samples/s | peer peak MiB | speed ours/peer | memory ours/peer |",
-             "|" + "---|" * 13]
+             "| model | method | ckpt | precision | optimizer | trainable | samples/s | tokens/s | peak MiB | "
+             "whole-life peak RSS MiB | optimizer state bytes/param | MFU | peer samples/s | peer peak MiB | "
+             "speed ours/peer | memory ours/peer |",
+             "|" + "---|" * 16]
     for k, r in ours.items():
         p = peers.get(k)
         if "error" in r:
-            lines.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {k[3]} | error: {r['error']} |" + " |" * 8)
+            lines.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {k[3]} | {k[4]} | error: {r['error']} |"
+                         + " |" * 10)
             continue
         peer_cells = ["-"] * 4
         if p is not None and "error" in p:
@@ -380,9 +393,11 @@ def markdown(results: list[dict], info: dict) -> str:
             peer_cells = [f"{p['samples_per_s']:.2f}", f"{p['peak_memory_mib']:.0f}",
                           f"{r['samples_per_s'] / p['samples_per_s']:.2f}x",
                           f"{r['peak_memory_mib'] / p['peak_memory_mib']:.2f}x"]
-        lines.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {k[3]} | "
+        lines.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {k[3]} | {k[4]} | "
                      f"{100 * r['trainable'] / r['total']:.2f}% | {r['samples_per_s']:.2f} | "
-                     f"{r['target_tokens_per_s']:.0f} | {r['peak_memory_mib']:.0f} | {100 * r['mfu']:.1f}% | "
+                     f"{r['target_tokens_per_s']:.0f} | {r['peak_memory_mib']:.0f} | "
+                     f"{r.get('peak_rss_whole_life_mib', 0):.0f} | {r.get('optimizer_state_bytes_per_param', 0):.2f} | "
+                     f"{100 * r['mfu']:.1f}% | "
                      + " | ".join(peer_cells) + " |")
     return "\n".join(lines)
 
@@ -420,6 +435,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", nargs="+", type=lambda s: s == "on", default=[False, True],
                     help="on / off (default: both)")
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None)
+    ap.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=["adamw"],
+                    help="ours and the peer with the same optimizer (HF Trainer: adamw_torch, adafactor, "
+                         "adamw_bnb_8bit)")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="also run HF Seq2SeqTrainer (+ PEFT) on the same configuration")
     ap.add_argument("--fused-loss", choices=("on", "off", "auto"), default="auto",
@@ -453,7 +471,8 @@ def main(argv=None) -> int:
             runs[i].append(r)
             status = r.get("error") or f"{r['samples_per_s']:.2f} samples/s, peak {r['peak_memory_mib']:.0f} MiB"
             print(f"[{repeat + 1}.{i + 1}/{len(configs)}] {cfg['engine']:>4} {cfg['model']} {cfg['method']} "
-                  f"ckpt={'on' if cfg['checkpointing'] else 'off'} {cfg['precision']}: {status}", flush=True)
+                  f"ckpt={'on' if cfg['checkpointing'] else 'off'} {cfg['precision']} {cfg['optimizer']}: {status}",
+                  flush=True)
     results = [median_run(runs[i]) for i in range(len(configs))]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -38,6 +38,7 @@ from finetune.datasets import codespell_pairs  # noqa: E402
 from finetune.freeze import freeze  # noqa: E402
 from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
 from finetune.methods import method as declared_method  # noqa: E402
+from finetune.optim import OPTIMIZERS  # noqa: E402
 from finetune.models import bert2bert_by_name, set_dropout  # noqa: E402
 
 
@@ -73,6 +74,8 @@ def main(argv=None):
                     help="adapter scale numerator (scale = alpha / r)")
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                    help="default: the model family's recipe (AdamW for this BERT; finetune.optim)")
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--output-dir", default="runs/spelling")
     ap.add_argument("--overwrite-output-dir", action="store_true",
@@ -135,6 +138,7 @@ def main(argv=None):
     config = TrainConfig(
         lr=args.lr, lr_overrides=new_tensor_lr(new_names, args.new_lr),
         weight_decay=0.01, warmup_ratio=args.warmup_ratio, label_smoothing=args.label_smoothing,
+        optimizer=args.optimizer,
         epochs=max(1, -(-args.max_steps * args.batch_size // len(train))),
         max_steps=args.max_steps, batch_size=args.batch_size, precision=args.precision, max_source_length=32,
         max_target_length=32, num_beams=args.num_beams, max_new_tokens=16, seed=args.seed,
@@ -182,7 +186,8 @@ def main(argv=None):
                        "test_pairs": len(test), "batch_size": args.batch_size, "lr": args.lr, "new_lr": args.new_lr,
                        "curve": [[r["step"], r["exact_match"]] for r in history["eval"]
                                  if "exact_match" in r and not r.get("final")],
-                       "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name}, f)
+                       "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name,
+                       "optimizer": engine.optimizer.__class__.__name__}, f)
     return 0
 
 

@@ -31,13 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .distributed import load_full_state
+from .optim import flat_optimizer_state, nested_optimizer_state
 from .outputs import replace_dir
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 # Config fields that must match for an exact resume (the rest, e.g. output_dir or log_every, may change).
-RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "group_by_length", "max_source_length", "max_target_length",
+RESUME_MUST_MATCH = ("optimizer", "seed", "batch_size", "grad_accum", "group_by_length", "max_source_length",
+                     "max_target_length",
                      "lr", "weight_decay", "betas", "eps", "no_decay", "lr_overrides", "schedule", "warmup_ratio",
                      "warmup_steps", "epochs", "max_steps", "label_smoothing", "precision", "max_grad_norm",
                      "best_metric", "eval_every", "eval_max_samples", "eval_num_beams", "early_stopping_threshold")
@@ -92,19 +94,6 @@ def _model_tensors(model: nn.Module, state: dict | None = None) -> tuple[dict[st
     return out, False
 
 
-def _optimizer_tensors(optimizer, state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict() if state is None else state
-    tensors, scalars = {}, {}
-    for index, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """This process's random generators: torch (CPU, CUDA) as tensors, python and numpy as JSON values."""
     tensors = {"torch_cpu": torch.get_rng_state()}
@@ -135,7 +124,7 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, scaler, progres
     os.makedirs(tmp)
     model_tensors, sparse = _model_tensors(model, model_state)
     save_file({k: v.contiguous() for k, v in model_tensors.items()}, os.path.join(tmp, "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer, optimizer_state)
+    opt_tensors, opt_meta = flat_optimizer_state(optimizer.state_dict() if optimizer_state is None else optimizer_state)
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
     rng_states = rng_states or [rng_state()]
     rng_tensors = {f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rng_states) for k, v in tensors.items()}
@@ -295,14 +284,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
         with torch.no_grad():
             for name, value in tensors.items():
                 own[name].copy_(value)
-    opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    opt_state: dict = {}
-    for key, value in opt_tensors.items():
-        _, index, name = key.split(".", 2)
-        opt_state.setdefault(int(index), {})[name] = value
-    for key, value in state["optimizer"]["scalars"].items():
-        index, name = key.split(".", 1)
-        opt_state.setdefault(int(index), {})[name] = value
+    opt_state = nested_optimizer_state(load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
     if fsdp:
         load_full_state(model, optimizer, tensors,
                         {"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})

@@ -14,6 +14,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 @dataclass
 class TrainConfig:
     # optimisation
+    optimizer: str | None = None  # "adamw", "adafactor", "adamw8bit"; None: the family's recipe (T5: adafactor)
     lr: float = 5e-5
     weight_decay: float = 0.01
     betas: tuple[float, float] | None = None  # None: the model family's pretraining recipe (finetune.optim)
@@ -86,6 +87,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {what}")
 
         need(self.lr > 0, "lr", "must be > 0")
+        from .optim import OPTIMIZERS
+
+        need(self.optimizer is None or self.optimizer in OPTIMIZERS, "optimizer",
+             f"must be one of {', '.join(map(repr, OPTIMIZERS))} or None (the model family's recipe)")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")

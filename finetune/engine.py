@@ -29,13 +29,13 @@ from .config import TrainConfig
 from .data import Collator, Example, LengthGroupedBatches, data_fingerprint, read_pairs, tokenize_pairs
 from .export import save_model_folder, save_outputs
 from .freeze import trainable_report
-from .guards import (TrainingStopped, check_engine_arguments, check_evaluation_settings, check_gradients,
-                     check_overfit_arguments, count_nonfinite, schedule_of)
+from .guards import (TrainingStopped, check_device, check_engine_arguments, check_evaluation_settings,
+                     check_gradients, check_overfit_arguments, count_nonfinite, schedule_of)
 from .loss import TrainingLoss
 from .masks import IGNORE_INDEX
 from .models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
 from .noise import NoiseConfig, add_noise
-from .optim import build_adamw, build_scheduler, describe_groups, param_groups
+from .optim import build_optimizer, build_scheduler, describe_groups, optimizer_name, param_groups
 from .outputs import RunLock, claim_for_fresh_run
 from .precision import Precision
 from .recorder import Recorder
@@ -57,10 +57,7 @@ class Engine:
         cfg.validate()  # fields may have been changed after the config was made
         self.noise = noise  # BART-style corruption of training sources, fresh each epoch
         self.tokenizer = tokenizer
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig.device={cfg.device!r}: no CUDA device is available here (torch "
-                             f"{torch.__version__}); use device='cpu' or leave it None")
+        self.device = check_device(cfg.device)
         self.dist = distributed.init_from_env(self.device.type == "cuda", cfg.dist_timeout_s)  # torchrun
         self.recorder = Recorder(cfg.output_dir, self.dist.is_main, cfg.progress)  # prepare() opens the trackers
         if self.dist.enabled and self.device.type == "cuda":
@@ -76,8 +73,7 @@ class Engine:
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)
         self.optimizer = self.scheduler = None
-        self.global_step = 0
-        self.nonfinite_in_a_row = 0  # non-finite steps skipped in a row
+        self.global_step, self.nonfinite_in_a_row = 0, 0  # steps taken; non-finite steps skipped in a row
         self._checked_gradients = False
 
     # ------------------------------------------------------------------------------------------
@@ -138,19 +134,22 @@ class Engine:
 
     def build_optimizer(self, total_steps: int, warmup_steps: int, lr: float | None = None,
                         schedule: str | None = None, weight_decay: float | None = None):
-        """AdamW over the trainable tensors (decay / no-decay and learning-rate groups) and its schedule."""
+        """The optimizer (TrainConfig.optimizer, else the family's: finetune.optim) over the trainable tensors, in
+        decay / no-decay and learning-rate groups, and its schedule."""
         cfg = self.config
         lr = cfg.lr if lr is None else lr
         groups = param_groups(self.model, cfg.weight_decay if weight_decay is None else weight_decay, cfg.no_decay,
-                              cfg.lr_overrides)
-        self.recorder.log(describe_groups(groups, lr))
-        self.optimizer = build_adamw(self.model, groups, lr, cfg.betas, cfg.eps)
+                              cfg.lr_overrides, lr)
+        name = optimizer_name(self.model, cfg.optimizer)  # None: the family's recipe, and the log says so
+        self.recorder.log(f"optimizer {name}{'' if cfg.optimizer else ' (the family recipe)'}; "
+                          f"{describe_groups(groups, lr)}")
+        self.optimizer = build_optimizer(name, self.model, groups, lr, cfg.betas, cfg.eps)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, schedule or cfg.schedule)
         return self.optimizer, self.scheduler
 
     def compile(self, **options) -> None:
         """`torch.compile` the module `train_step` runs (under torchrun, after `prepare`: the DDP / FSDP wrapper);
-        evaluation, generation and saving keep the plain model. `options` go to `torch.compile`."""
+        evaluation, generation and saving keep the plain model."""
         if self.dist.enabled and self.train_model is self.model and not self.sharded:
             raise RuntimeError("Engine.compile: under torchrun, call it after prepare(), which wraps the model for "
                                "DDP / FSDP (a compiled unwrapped model would not synchronise gradients)")

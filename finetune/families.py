@@ -10,6 +10,8 @@ Every module reads this table instead of its own `if model_type == ...`. Adding 
                       BERT (Devlin et al., 2019, App. A.2): (0.9, 0.999), 1e-6; Marian (Transformer base,
                       Vaswani et al., 2017, §5.3): (0.9, 0.98), 1e-9; T5 / Pegasus were pretrained with
                       Adafactor and get torch's AdamW defaults (0.9, 0.999), 1e-8
+    optimizer         the optimizer of the family's recipe when TrainConfig.optimizer is None: "adafactor" for
+                      T5 (pretrained and fine-tuned with it: Raffel et al., 2020, §3.1.2 and §3.1.3), else "adamw"
     encoder           regex of the encoder's parameter names (the `frozen-encoder` method)
     starts_from_pad   decoding starts from the pad token when the config names no start token (T5)
     fp16_safe         False where activations overflow float16 (T5's feed-forward outputs)
@@ -37,6 +39,7 @@ class Family:
     logits_bias: str | None = None
     head_is_last: bool = False
     tiny: str | None = None
+    optimizer: str = "adamw"
 
 
 BART_TARGETS = (r"\.(q_proj|v_proj)$",)
@@ -52,10 +55,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            head_is_last=True),
     Family("pegasus", BART_TARGETS, ((0.9, 0.999), 1e-8), r"^model\.encoder\.", logits_bias="final_logits_bias",
            head_is_last=True),
-    Family("t5", T5_TARGETS, starts_from_pad=True, fp16_safe=False, head_is_last=True, tiny="tiny_t5"),
-    Family("mt5", T5_TARGETS, starts_from_pad=True, fp16_safe=False, head_is_last=True),
-    Family("umt5", T5_TARGETS, starts_from_pad=True, fp16_safe=False, head_is_last=True),
-    Family("longt5", T5_TARGETS, starts_from_pad=True, fp16_safe=False, head_is_last=True),
+    Family("t5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True,
+           tiny="tiny_t5"),
+    Family("mt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
+    Family("umt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
+    Family("longt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
     # bert2bert: transformers' EncoderDecoderModel around BERT encoder and decoder
     Family("encoder-decoder", BERT_TARGETS, ((0.9, 0.999), 1e-6), head_is_last=True, tiny="tiny_bert2bert"),
     Family("bert", BERT_TARGETS, ((0.9, 0.999), 1e-6)),

@@ -112,3 +112,12 @@ def check_overfit_arguments(steps, lr) -> None:
         raise ValueError(f"overfit_batch: steps must be an integer >= 1, got {steps!r}")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
         raise ValueError(f"overfit_batch: lr must be a finite number > 0, got {lr!r}")
+
+
+def check_device(name: str | None) -> torch.device:
+    """TrainConfig.device as a torch.device (None: cuda when available, else cpu); cuda without a GPU is refused."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device={name!r}: no CUDA device is available here (torch {torch.__version__}); "
+                         "use device='cpu' or leave it None")
+    return device

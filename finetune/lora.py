@@ -257,7 +257,8 @@ def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float =
     regexes = compile_patterns(targets, "apply_lora targets")
     excluded = compile_patterns(exclude, "apply_lora exclude")
     layers = linear_layers(model)
-    wrapped_already = [n for n, m in layers.items() if isinstance(m, LoRALinear) and any(rx.search(n) for rx in regexes)]
+    wrapped_already = [n for n, m in layers.items()
+                       if isinstance(m, LoRALinear) and any(rx.search(n) for rx in regexes)]
     if wrapped_already:
         raise ValueError(f"apply_lora: {len(wrapped_already)} target layer(s) already have LoRA (e.g. "
                          f"{wrapped_already[0]}); apply LoRA once, or merge_lora(model) first")

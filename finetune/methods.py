@@ -11,6 +11,8 @@ adding a method (IA3, say) is one `register(Method(...))` in this module, with i
     lora            LoRA adapters on the family's default (or given) targets; the rest frozen
     int8-lora       int8 base weights (bitsandbytes) under LoRA adapters
     dora            LoRA with DoRA's trained magnitude per output row (Liu et al., 2024)
+    lora-plus       LoRA+ (Hayou et al., 2024): LoRA whose B trains at 16x A's rate (setting lora_plus_ratio)
+    rslora          rsLoRA (Kalajdzievski, 2023): LoRA scaled by alpha / sqrt(r) (setting lora_rslora)
     qlora           4-bit base weights (bitsandbytes NF4 or FP4, double quantisation) under LoRA adapters
 
 `new_tensors` (a warm-started bert2bert's cross-attention and LM-head transform: the names its load report
@@ -90,6 +92,9 @@ LORA_SETTINGS = (
     Setting("lora_r", lora_module.DEFAULT_R, int, _at_least_one, "adapter rank r"),
     Setting("lora_alpha", lora_module.DEFAULT_ALPHA, float, _positive, "scale numerator (scale = alpha / r)"),
     Setting("lora_dropout", lora_module.DEFAULT_DROPOUT, float, _unit, "dropout on the adapter's input"),
+    Setting("lora_rslora", False, bool, doc="rsLoRA: scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)"),
+    Setting("lora_plus_ratio", None, float, _positive, "LoRA+: B trains at this multiple of A's learning rate "
+            "(Hayou et al., 2024: 16); none: the same rate"),
 )
 ADAPTER_LR = 1e-3  # adapters and biases start from zero or train few tensors (benchmarks/results/spelling_recipes)
 FULL_LR = 2e-4  # full fine-tuning of the main job: 2e-4 beat 1e-4 and 3e-4 (benchmarks/results/spelling_recipes)
@@ -174,6 +179,13 @@ def _lora_args(s: dict) -> dict:
     return {"targets": s["lora_targets"], "r": s["lora_r"], "alpha": s["lora_alpha"], "dropout": s["lora_dropout"]}
 
 
+def with_defaults(settings: tuple[Setting, ...], **defaults) -> tuple[Setting, ...]:
+    """The same settings with other defaults (a method that is another's with different settings)."""
+    from dataclasses import replace
+
+    return tuple(replace(s, default=defaults[s.name]) if s.name in defaults else s for s in settings)
+
+
 def _frozen_encoder(model, new_tensors, s):
     freeze(model, [encoder_pattern(model)])
     if new_tensors:
@@ -181,7 +193,9 @@ def _frozen_encoder(model, new_tensors, s):
 
 
 def _lora(model, new_tensors, s, dora: bool = False):
-    lora_module.apply_lora(model, dora=dora, **_lora_args(s), **_lora_placement(new_tensors))
+    lora_module.apply_lora(model, dora=dora, rslora=s["lora_rslora"], **_lora_args(s), **_lora_placement(new_tensors))
+    if s["lora_plus_ratio"]:  # LoRA+: the optimizer's groups read the model's lr_scales (finetune.optim)
+        model.lr_scales = {**getattr(model, "lr_scales", {}), r"\.lora_B\.weight$": s["lora_plus_ratio"]}
 
 
 def _quantized_lora(quantize: Callable) -> Callable:
@@ -222,6 +236,10 @@ register(Method("int8-lora", _quantized_lora(_int8), LORA_SETTINGS + (
             "LLM.int8() outlier threshold (CUDA)"),), lr=ADAPTER_LR, doc="int8 base weights under LoRA"))
 register(Method("dora", lambda model, new_tensors, s: _lora(model, new_tensors, s, dora=True), LORA_SETTINGS,
                 lr=ADAPTER_LR, doc="LoRA with DoRA's trained magnitude per output row"))
+register(Method("lora-plus", _lora, with_defaults(LORA_SETTINGS, lora_plus_ratio=16.0), lr=FULL_LR,
+                doc="LoRA+: B at 16x A's learning rate (A at full fine-tuning's rate)"))
+register(Method("rslora", _lora, with_defaults(LORA_SETTINGS, lora_rslora=True), lr=ADAPTER_LR,
+                doc="rsLoRA: LoRA scaled by alpha / sqrt(r)"))
 register(Method("qlora", _quantized_lora(_int4), LORA_SETTINGS + (
     Setting("quant_type", "nf4", str, _one_of("nf4", "fp4"), "4-bit code book"),
     Setting("double_quant", True, bool, doc="quantise the block scales too")), lr=ADAPTER_LR,

@@ -1,4 +1,13 @@
-"""AdamW parameter groups and learning-rate schedules.
+"""Parameter groups, the optimizers of the pretraining recipes, and learning-rate schedules.
+
+Optimizers (`TrainConfig.optimizer`; None: the family's, finetune/families.py), all well-kept implementations:
+
+    adamw       torch's AdamW (fused kernel), the family's betas / eps; 8 bytes of state per trainable parameter
+    adafactor   transformers' Adafactor at the T5 fine-tuning settings: no relative step, no parameter scaling,
+                update clipping at RMS 1.0, no first moment (factored second moments: a row and a column per
+                matrix). torch.optim.Adafactor always scales its step by min(lr, 1/sqrt(t)) and the parameter's
+                RMS, so it cannot run the fixed learning rate of that recipe
+    adamw8bit   bitsandbytes' AdamW8bit (block-wise 8-bit moments, CPU and CUDA): ~2 bytes per parameter
 
 The decay rule (nanoGPT's `configure_optimizers`, and the BERT/RoBERTa recipe): every trainable
 tensor of two or more dimensions decays; every 1-D tensor (biases, LayerNorm / RMSNorm gains) does not,
@@ -10,6 +19,7 @@ the optimizer keeps no state for them. Tied tensors appear once.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -17,17 +27,28 @@ from torch import nn
 from .families import family_of
 from .patterns import compile_patterns
 
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+
+
+def optimizer_name(model: nn.Module, configured: str | None) -> str:
+    """The optimizer a run uses: the configured one, else the family's recipe."""
+    return configured or family_of(model).optimizer
+
+
 def family_adam(model: nn.Module) -> tuple[tuple[float, float], float]:
     """(betas, eps) of the model family's pretraining recipe (the table and its sources: finetune/families.py)."""
     return family_of(model).adam
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay=(), lr_overrides=None, lr: float | None = None):
-    """AdamW groups of trainable tensors: decay / no-decay, split further by `lr_overrides` (first match wins).
+    """Optimizer groups of trainable tensors: decay / no-decay, split further by `lr_overrides` (first match
+    wins) and by the model's own `lr_scales` (a method's {regex: factor}, e.g. LoRA+'s B at 16x A's rate: the
+    factor multiplies the tensor's rate, overridden or `lr`).
 
-    Each group is a dict with `params`, `names`, `weight_decay` and, where an override applies, `lr`.
+    Each group is a dict with `params`, `names`, `weight_decay` and, where an override or scale applies, `lr`.
     A `no_decay` or `lr_overrides` pattern that matches no trainable tensor is an error naming it.
     """
+    scales = [(re.compile(k), v) for k, v in getattr(model, "lr_scales", {}).items()]
     lr_overrides = dict(lr_overrides or {})
     no_decay_res = compile_patterns(no_decay, "no_decay")
     override_res = list(zip(compile_patterns(lr_overrides, "lr_overrides"), lr_overrides.values()))
@@ -41,11 +62,18 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay=(), lr_override
             if rx.search(name):
                 decays = False
                 used.add(rx.pattern)
-        group_lr = lr
+        group_lr = None  # the optimizer's lr, unless overridden or scaled
         for rx, value in override_res:
             if rx.search(name):
                 group_lr = value
                 used.add(rx.pattern)
+                break
+        for rx, factor in scales:
+            if rx.search(name):
+                if group_lr is None and lr is None:
+                    raise ValueError(f"{name}: the model scales its learning rate ({rx.pattern}: x{factor}), so "
+                                     "param_groups needs the base lr")
+                group_lr = (lr if group_lr is None else group_lr) * factor
                 break
         key = (decays, group_lr)
         group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": weight_decay if decays else 0.0,
@@ -90,6 +118,32 @@ def build_adamw(model: nn.Module, groups, lr: float, betas=None, eps=None) -> to
                              eps=family_eps if eps is None else eps, **kwargs)
 
 
+def build_optimizer(name: str, model: nn.Module, groups, lr: float, betas=None, eps=None):
+    """The optimizer `name` (OPTIMIZERS) over the parameter groups."""
+    if name == "adamw":
+        return build_adamw(model, groups, lr, betas, eps)
+    if not [p for g in groups for p in g["params"]]:
+        raise ValueError("no trainable parameters: everything is frozen, so the optimizer would train nothing")
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         clip_threshold=1.0)
+    if name == "adamw8bit":
+        from .quant import bitsandbytes_module
+
+        family_betas, family_eps = family_adam(model)
+        return bitsandbytes_module("8-bit AdamW").optim.AdamW8bit(
+            groups, lr=lr, betas=tuple(betas or family_betas), eps=family_eps if eps is None else eps)
+    raise ValueError(f"optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state (its tensors; after the first step, when it exists)."""
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "linear") -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based).
 
@@ -113,3 +167,44 @@ def build_scheduler(optimizer, total_steps: int, warmup_steps: int, schedule: st
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule)
     )
+
+
+def flat_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict as safetensors tensors (`state.<i>.<key>`, nested keys joined by '/': bitsandbytes
+    keeps its 8-bit quantisation state in a dict) and JSON (`param_groups`, the other per-parameter values)."""
+    tensors, scalars, seen = {}, {}, set()
+
+    def walk(index, key, value):
+        if isinstance(value, dict):
+            for inner, item in value.items():
+                walk(index, f"{key}/{inner}", item)
+        elif torch.is_tensor(value):  # a tensor shared between parameters (bitsandbytes' code tables) is copied
+            shared = value.numel() and value.data_ptr() in seen
+            seen.add(value.data_ptr())
+            tensors[f"state.{index}.{key}"] = value.detach().clone() if shared else value.detach().contiguous()
+        else:
+            scalars[f"{index}.{key}"] = value
+
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            walk(index, key, value)
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def nested_optimizer_state(tensors: dict, meta: dict) -> dict:
+    """The per-parameter state back from `flat_optimizer_state`'s tensors and JSON."""
+    state: dict = {}
+
+    def put(index, key, value):
+        *outer, last = key.split("/")
+        place = state.setdefault(int(index), {})
+        for name in outer:
+            place = place.setdefault(name, {})
+        place[last] = value
+
+    for key, value in tensors.items():
+        put(*key.split(".", 2)[1:], value)
+    for key, value in meta["scalars"].items():
+        put(*key.split(".", 1), value)
+    return state

@@ -147,7 +147,7 @@ def _check_groups(report, engine, new_parameters) -> bool:
 
     cfg = engine.config
     try:
-        groups = param_groups(engine.model, cfg.weight_decay, cfg.no_decay, cfg.lr_overrides)
+        groups = param_groups(engine.model, cfg.weight_decay, cfg.no_decay, cfg.lr_overrides, cfg.lr)
     except ValueError as err:
         report.add("FAIL", "parameter groups", str(err))
         return False

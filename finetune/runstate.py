@@ -29,6 +29,7 @@ from . import distributed
 from .checkpoint import CheckpointError, load_model_tensors, rng_state, save_checkpoint
 from .data import Example, LengthGroupedBatches
 from .guards import TrainingStopped
+from .optim import optimizer_state_bytes
 
 
 class Tokenized(tuple):
@@ -196,6 +197,7 @@ class StepLog:
         from tqdm.auto import tqdm
 
         self.engine, self.total, self.stats, self.started = engine, total_steps, [], time.perf_counter()
+        self.said_state = False
         enabled = engine.config.progress and engine.dist.is_main
         self.bar = tqdm(total=total_steps, initial=engine.global_step, disable=not enabled, desc="train",
                         dynamic_ncols=True)
@@ -215,6 +217,12 @@ class StepLog:
                   "skipped_steps": sum(s["skipped"] for s in self.stats),
                   "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
                   "samples_per_s_per_rank": samples / seconds / self.engine.dist.world_size}
+        if not self.said_state:  # the optimizer's state exists from its first step on
+            state = optimizer_state_bytes(self.engine.optimizer)
+            trainable = sum(p.numel() for g in self.engine.optimizer.param_groups for p in g["params"])
+            record["optimizer_state_bytes"], self.said_state = state, True
+            self.engine.recorder.log(f"optimizer state: {state / 2**20:.1f} MiB, {state / max(1, trainable):.2f} "
+                                     "bytes per trainable parameter")
         history["train"].append(record)
         self.engine.recorder.record(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",

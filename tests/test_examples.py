@@ -56,7 +56,8 @@ def test_bitfit_bart_default_offline_says_what_to_do(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "frozen-encoder", "int8-lora", "dora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "frozen-encoder", "int8-lora", "dora", "lora-plus",
+                                    "rslora", "qlora"])
 def test_spelling_example_smoke(tmp_path, method):
     out = run("spelling_bert2bert.py", "--model", "tiny", "--method", method, "--max-steps", "4", "--train-size",
               "64", "--eval-size", "8", "--valid-size", "8", "--eval-every", "2", "--num-beams", "1",
@@ -130,7 +131,8 @@ def test_spelling_compare_same_minutes_sets_steps_from_a_timed_probe(tmp_path):
 
     out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--methods", "lora", "--budget-minutes",
               "0.001", "--budget", "time", "--train-size", "64", "--eval-size", "4", "--valid-size", "4",
-              "--num-beams", "1", "--compare-probe-steps", "40", "--output-dir", str(tmp_path))  # its own budget: no probe of full, flags not passed on
+              "--num-beams", "1", "--compare-probe-steps", "40",
+              "--output-dir", str(tmp_path))  # its own budget: no probe of full, flags not passed on
     assert out.returncode == 0, out.stderr
     assert "timing probe, full" not in out.stdout and "timing probe, lora" in out.stdout
     assert json.loads((tmp_path / "lora" / "result.json").read_text())["steps"] == 20  # at least 20

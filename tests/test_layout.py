@@ -68,7 +68,8 @@ def test_loras_defaults_are_written_once():
         if "lora_r" in settings:
             assert (settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"]) == tuple(defaults.values())
     literal = re.compile(r"(lora_r|\br)\s*[:=]\s*(int\s*=\s*)?16\b")
-    hits = [os.path.relpath(p, ROOT) for p in sources("finetune", "examples", "benchmarks") if literal.search(open(p).read())]
+    hits = [os.path.relpath(p, ROOT) for p in sources("finetune", "examples", "benchmarks")
+            if literal.search(open(p).read())]
     assert not hits
 
 

@@ -1,0 +1,181 @@
+"""The pretraining recipe's optimizers (AdamW, Adafactor, 8-bit AdamW), LoRA+ and rsLoRA: parity with the
+reference implementations, exact resume, the family default, refusals before training."""
+import shutil
+
+import pytest
+import torch
+
+from finetune import Engine, TrainConfig, apply_method
+from finetune.checkpoint import CheckpointError
+from finetune.lora import lora_layers
+from finetune.models import tiny_bart, tiny_t5
+from finetune.optim import OPTIMIZERS, optimizer_state_bytes, param_groups
+
+DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(16)]
+
+
+def cfg(out, **kw):
+    base = dict(lr=3e-3, batch_size=4, max_steps=4, progress=False, output_dir=str(out), precision="fp32",
+                schedule="constant", weight_decay=0.0, max_grad_norm=None, fused_loss=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def reference_optimizer(name, params, lr, model):
+    """The implementation each name stands for, built by hand as its own documentation says."""
+    from finetune.optim import family_adam
+
+    betas, eps = family_adam(model)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    if name == "adafactor":  # the T5 fine-tuning settings (transformers' Adafactor documentation)
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         clip_threshold=1.0)
+    bnb = pytest.importorskip("bitsandbytes")
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_makes_the_reference_implementations_updates(tmp_path, name):
+    if name == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    model, tok = tiny_bart()
+    reference = tiny_bart()[0]
+    reference.load_state_dict(model.state_dict())
+    engine = Engine(model, tok, cfg(tmp_path, optimizer=name))
+    run = engine.prepare(DATA)
+    windows = [window for _, window in engine.windows(run, 0)]
+    optimizer = reference_optimizer(name, [p for p in reference.parameters() if p.requires_grad], 3e-3, reference)
+    for window in windows:
+        (batch,) = window
+        engine.train_step(window)
+        loss = reference(**batch).loss  # transformers' own loss: mean over the target tokens
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for (n, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0, msg=n)
+    moved = sum(float((a - b).abs().sum()) for a, b in zip(model.parameters(), tiny_bart()[0].parameters()))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_resume_is_bit_exact_with_each_optimizer(tmp_path, name):
+    if name == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    whole = tmp_path / "whole"
+    model, tok = tiny_bart()
+    Engine(model, tok, cfg(whole, optimizer=name, save_every=2, keep_last=5, max_steps=6)).fit(DATA)
+    again = tmp_path / "again"
+    shutil.copytree(whole, again)
+    shutil.rmtree(again / "model")
+    resumed, tok = tiny_bart()
+    Engine(resumed, tok, cfg(again, optimizer=name, save_every=2, keep_last=5, max_steps=6)).fit(
+        DATA, resume=str(again / "checkpoints" / "step-00000002"))
+    for (n, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path):
+    model, tok = tiny_bart()
+    Engine(model, tok, cfg(tmp_path, optimizer="adafactor", save_every=2)).fit(DATA)
+    engine = Engine(*tiny_bart(), cfg(tmp_path, optimizer="adamw", save_every=2))
+    with pytest.raises(CheckpointError, match="config.optimizer was 'adafactor', is now 'adamw'"):
+        engine.prepare(DATA, resume="latest")
+
+
+def test_t5_defaults_to_adafactor_and_says_so_and_adamw_overrides_it(tmp_path, capsys):
+    from transformers.optimization import Adafactor
+
+    engine = Engine(*tiny_t5(), cfg(tmp_path, progress=True))
+    engine.prepare(DATA)
+    assert isinstance(engine.optimizer, Adafactor) and "optimizer adafactor (the family recipe)" in \
+        capsys.readouterr().out
+    engine = Engine(*tiny_t5(), cfg(tmp_path, optimizer="adamw"))
+    engine.prepare(DATA)
+    assert isinstance(engine.optimizer, torch.optim.AdamW)
+    bart = Engine(*tiny_bart(), cfg(tmp_path))
+    bart.prepare(DATA)
+    assert isinstance(bart.optimizer, torch.optim.AdamW)
+
+
+def test_a_bad_optimizer_name_is_refused_before_training():
+    with pytest.raises(ValueError, match=r"TrainConfig.optimizer='sgd': must be one of 'adamw', 'adafactor'"):
+        TrainConfig(optimizer="sgd")
+
+
+def test_state_bytes_per_trainable_parameter(tmp_path):
+    per_param = {}
+    for name in OPTIMIZERS:
+        if name == "adamw8bit" and not _has_bitsandbytes():
+            continue
+        model, tok = tiny_bart(d_model=256)
+        engine = Engine(model, tok, cfg(tmp_path / name, optimizer=name, max_steps=1))
+        history = engine.fit(DATA)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        per_param[name] = optimizer_state_bytes(engine.optimizer) / trainable
+        assert history["train"][0]["optimizer_state_bytes"] == optimizer_state_bytes(engine.optimizer)
+    assert per_param["adamw"] == pytest.approx(8, abs=0.01)
+    assert per_param["adafactor"] < 0.2
+    if "adamw8bit" in per_param:
+        assert per_param["adamw8bit"] < 2.5
+
+
+def _has_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_lora_plus_trains_b_at_a_multiple_of_as_rate():
+    model, _ = tiny_bart()
+    apply_method(model, "lora-plus")  # ratio 16 by default
+    groups = param_groups(model, 0.0, lr=1e-4)
+    rate = {name: g.get("lr", 1e-4) for g in groups for name in g["names"]}
+    assert all(rate[n] == pytest.approx(1.6e-3) for n in rate if ".lora_B." in n)
+    assert all(rate[n] == 1e-4 for n in rate if ".lora_A." in n)
+    plain, _ = tiny_bart()
+    apply_method(plain, "lora", lora_plus_ratio=4.0)
+    assert sorted(g.get("lr", 1e-4) for g in param_groups(plain, 0.0, lr=1e-4)) == pytest.approx([1e-4, 4e-4])
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r_and_round_trips_through_peft(tmp_path):
+    from peft import PeftModel
+
+    from finetune import load_adapter, save_adapter
+
+    model, tok = tiny_bart()
+    apply_method(model, "rslora", lora_r=4, lora_alpha=8.0)
+    assert all(layer.scaling == pytest.approx(8 / 2) for layer in lora_layers(model).values())
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+    batch = tok(["teh cat"], return_tensors="pt")
+    labels = tok(text_target=["the cat"], return_tensors="pt")["input_ids"]
+    model.eval()
+    ours = model(**batch, labels=labels).logits
+    save_adapter(model, str(tmp_path / "peft"), format="peft")
+    peft_model = PeftModel.from_pretrained(tiny_bart()[0], str(tmp_path / "peft"))
+    assert peft_model.peft_config["default"].use_rslora
+    peft_model.eval()
+    torch.testing.assert_close(peft_model(**batch, labels=labels).logits, ours, atol=1e-5, rtol=0)
+    back, _ = tiny_bart()
+    load_adapter(back, str(tmp_path / "peft"))
+    back.eval()
+    torch.testing.assert_close(back(**batch, labels=labels).logits, ours, atol=1e-5, rtol=0)
+
+
+def test_run_files_and_set_reach_the_optimizer_and_lora_settings(tmp_path):
+    from finetune.run_config import load_run_config
+
+    run = tmp_path / "run.toml"
+    run.write_text('[model]\nname = "tiny-t5"\n[method]\nname = "lora"\nlora_rslora = true\n[train]\n'
+                   'optimizer = "adamw8bit"\n')
+    config = load_run_config(str(run), ["method.lora_plus_ratio=8", "train.optimizer=\"adafactor\""])
+    assert config.method.settings == {"lora_rslora": True, "lora_plus_ratio": 8.0}
+    assert config.train.optimizer == "adafactor"
+    with pytest.raises(ValueError, match=r"\[method\] lora_plus_ratio = -1(\.0)?: must be > 0"):
+        load_run_config(str(run), ["method.lora_plus_ratio=-1"])
