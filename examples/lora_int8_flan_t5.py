@@ -5,8 +5,8 @@
     python examples/lora_int8_flan_t5.py --method qlora      # 4-bit NF4 base weights instead (QLoRA)
 
 Every linear layer but the LM head is quantised to int8 (bitsandbytes, CPU or CUDA); LoRA adapters
-(the declared defaults: r 16, alpha 32, dropout 0.05) on the attention's q and v train; LayerNorm gains stay float32 and the LM
-head's output is float32. Only the adapter is saved (adapter/, also in PEFT's format under adapter_peft/).
+(the declared defaults: r 16, alpha 32, dropout 0.05) on the attention's q and v train; LayerNorm gains
+stay float32 and the LM head's output is float32. Only the adapter is saved (adapter/, also in PEFT's format under adapter_peft/).
 """
 import argparse
 import os

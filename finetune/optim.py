@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -127,15 +128,51 @@ def build_optimizer(name: str, model: nn.Module, groups, lr: float, betas=None, 
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
+        if lr < 1e-4:
+            warnings.warn(f"Adafactor at lr {lr:g}: without relative steps it moves at about lr per step, and T5's "
+                          "recipe fine-tunes at a constant 1e-3 (Raffel et al., 2020); set lr=1e-3, "
+                          "schedule='constant', or optimizer='adamw' for AdamW's small rates", stacklevel=3)
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          clip_threshold=1.0)
     if name == "adamw8bit":
-        from .quant import bitsandbytes_module
-
         family_betas, family_eps = family_adam(model)
-        return bitsandbytes_module("8-bit AdamW").optim.AdamW8bit(
-            groups, lr=lr, betas=tuple(betas or family_betas), eps=family_eps if eps is None else eps)
+        return chunked_adamw8bit()(groups, lr=lr, betas=tuple(betas or family_betas),
+                                   eps=family_eps if eps is None else eps)
     raise ValueError(f"optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+CHUNK = 1 << 20  # elements per 8-bit update on CPU: whole 256-element quantisation blocks
+
+
+def chunked_adamw8bit():
+    """bitsandbytes' AdamW8bit whose CPU update runs in chunks of CHUNK elements. bitsandbytes' CPU kernel
+    dequantises a tensor's two moments, copies its gradient and forms the update in float32 all at once: five
+    float32 copies of the largest tensor (a bart-base embedding: ~770 MB), more than the 8-bit state saves. Per
+    chunk of whole quantisation blocks it computes the same numbers (a test pins chunked == whole)."""
+    from .quant import bitsandbytes_module
+
+    bnb = bitsandbytes_module("8-bit AdamW")
+
+    class ChunkedAdamW8bit(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            state = self.state[p]
+            if p.device.type != "cpu" or state["state1"].dtype != torch.uint8 or p.numel() <= CHUNK:
+                return super().update_step(group, p, gindex, pindex)
+            p.data, p.grad = p.data.contiguous(), p.grad.contiguous()
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            weights, grads = p.data.view(-1), p.grad.view(-1)
+            moment1, moment2 = state["state1"].view(-1), state["state2"].view(-1)
+            for start in range(0, p.numel(), CHUNK):
+                part, blocks = slice(start, start + CHUNK), slice(start // 256, (start + CHUNK) // 256)
+                bnb.functional.optimizer_update_8bit_blockwise(
+                    self.optimizer_name, grads[part], weights[part], moment1[part], moment2[part],
+                    config["betas"][0], config["betas"][1], 0.0, 0.0, config["eps"], state["step"], config["lr"],
+                    state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
+                    config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
+
+    return ChunkedAdamW8bit
 
 
 def optimizer_state_bytes(optimizer) -> int:

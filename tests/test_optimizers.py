@@ -179,3 +179,28 @@ def test_run_files_and_set_reach_the_optimizer_and_lora_settings(tmp_path):
     assert config.train.optimizer == "adafactor"
     with pytest.raises(ValueError, match=r"\[method\] lora_plus_ratio = -1(\.0)?: must be > 0"):
         load_run_config(str(run), ["method.lora_plus_ratio=-1"])
+
+
+def test_adafactor_at_an_adamw_sized_rate_is_said(tmp_path):
+    engine = Engine(*tiny_t5(), cfg(tmp_path, lr=5e-5))  # TrainConfig's default rate, made for AdamW
+    with pytest.warns(UserWarning, match=r"Adafactor at lr 5e-05.*constant 1e-3.*optimizer='adamw'"):
+        engine.prepare(DATA)
+
+
+def test_chunked_8bit_update_equals_bitsandbytes_whole_tensor_update():
+    bnb = pytest.importorskip("bitsandbytes")
+    from finetune.optim import CHUNK, chunked_adamw8bit
+
+    torch.manual_seed(0)
+    start = torch.randn(CHUNK * 2 + 1000)  # over two chunks, the last one partial
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    chunked = chunked_adamw8bit()([ours], lr=1e-2, weight_decay=0.01)
+    whole = bnb.optim.AdamW8bit([theirs], lr=1e-2, weight_decay=0.01)
+    for step in range(3):
+        grad = torch.randn_like(start)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        chunked.step()
+        whole.step()
+    assert torch.equal(ours, theirs) and not torch.equal(ours, start)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(chunked.state[ours][key], whole.state[theirs][key]), key

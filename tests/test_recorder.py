@@ -9,14 +9,12 @@ from finetune import Engine, TrainConfig
 from finetune.models import tiny_bart
 from finetune.recorder import numbers
 
-DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(16)]
-EVAL = [(f"wrod {i}", f"word {i}") for i in range(6)]
+from test_best import DATA, EVAL
+from test_best import cfg as eight_steps
 
 
 def cfg(out, **kw):
-    base = dict(lr=3e-3, batch_size=4, max_steps=4, eval_every=2, progress=False, output_dir=str(out), log_every=1,
-                precision="fp32")
-    return TrainConfig(**{**base, **kw})
+    return eight_steps(out, **{"max_steps": 4, **kw})
 
 
 def records(out):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SPELLING
-from finetune import DataError, Engine, TrainConfig, apply_method, read_pairs
+from finetune import DataError, Engine, apply_method, read_pairs
 from finetune.checkpoint import CheckpointError
 from finetune.cli import main
 from finetune.lora import LoRALinear
@@ -24,15 +24,9 @@ from finetune.quant import is_quantized
 from finetune.run_config import check_setup
 from finetune.runstate import Best
 
-DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(16)]
-EVAL = [(f"wrod {i}", f"word {i}") for i in range(6)]
+from test_best import DATA, EVAL, cfg, spoil_after  # the short run with validation those tests use
+
 OTHER_EVAL = [(f"teh {i}", f"the {i}") for i in range(6)]
-
-
-def cfg(out, **kw):
-    base = dict(lr=3e-3, batch_size=4, max_steps=8, eval_every=2, progress=False, output_dir=str(out), log_every=1,
-                precision="fp32")
-    return TrainConfig(**{**base, **kw})
 
 
 def model_tensors(folder):
@@ -130,16 +124,6 @@ def test_resuming_with_other_evaluation_data_warns_without_a_best_model(tmp_path
 
 
 # --- 4. a moved run folder finishes -----------------------------------------------------------------------------
-
-def spoil_after(step):
-    """An on_step hook that adds noise to every weight after `step`: later evaluations get worse."""
-    def hook(engine, stats):
-        if engine.global_step >= step:
-            with torch.no_grad():
-                for p in engine.model.parameters():
-                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(engine.global_step)) * 0.5)
-    return hook
-
 
 class Interrupted(Exception):
     pass
