@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 
 SINKS = ("tensorboard", "mlflow", "wandb")
@@ -84,8 +85,6 @@ class MLflowSink:
         self.uri = uri
 
     def write(self, record: dict) -> None:
-        import time
-
         now, step = int(time.time() * 1000), int(record.get("step", 0))
         metrics = [self.mlflow.entities.Metric(k, v, now, step) for k, v in numbers(record).items()]
         if metrics:

@@ -78,6 +78,9 @@ class Best:
         if self.metric is None:
             return False
         value = float(result[self.metric])
+        if not math.isfinite(value):
+            warnings.warn(f"step {step}: evaluation {self.metric} is {value}: never the best model; it counts as an "
+                          "evaluation without improvement", stacklevel=3)
         margin = self.threshold
         better = math.isfinite(value) and (
             self.value is None or (value < self.value - margin if self.lower else value > self.value + margin))
@@ -101,13 +104,12 @@ class Best:
         checkpoints folder now, wherever the run folder was when it was written), and must be there."""
         if not state:
             return
-        self.step, self.since = state["step"], state["since"]
-        value = state["value"]
-        self.value = float(value) if value is not None and math.isfinite(float(value)) else None
+        self.since, value = state["since"], state["value"]
+        if value is None or not math.isfinite(float(value)):
+            return  # no best yet (a non-finite one, written before they were refused, is none)
+        self.value, self.step = float(value), state["step"]
         name = state.get("checkpoint") or (os.path.basename(os.path.normpath(state["path"])) if state["path"] else None)
-        self.path = os.path.join(directory, name) if name and self.value is not None else None
-        if self.value is None:
-            self.step = None  # a non-finite best (written before non-finite values were refused) is no best
+        self.path = os.path.join(directory, name) if name else None
         if self.path and not os.path.isdir(self.path):
             raise CheckpointError(f"cannot resume from {resumed_from}: the best evaluation's checkpoint {self.path} "
                                   f"({self.metric} {self.value:.4g} at step {self.step}) is gone, and model/ would "
@@ -258,9 +260,6 @@ def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, on_ev
     if on_evaluate is not None:
         on_evaluate(engine, result)
     best = run.best
-    if best.metric and not math.isfinite(float(result[best.metric])):
-        warnings.warn(f"step {engine.global_step}: evaluation {best.metric} is {result[best.metric]}: never the best "
-                      "model; it counts as an evaluation without improvement", stacklevel=2)
     if best.update(result, engine.global_step):
         best.path = os.path.join(saver.directory, f"step-{engine.global_step:08d}")
         saver.save(*position)
