@@ -62,16 +62,17 @@ def _plain(section):
     return {k: v for k, v in dataclasses.asdict(section).items() if not callable(v)}
 
 
-def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str | None, max_new_tokens: int):
+def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str | None, max_new_tokens: int,
+                generation: dict | None = None):
     from .config import TrainConfig
     from .engine import Engine
     from .models import load_seq2seq
 
     if not os.path.isdir(model_dir):
         raise ModelNotAvailable(f"--model {model_dir}: not a folder (pass the model/ folder a training run wrote)")
-    model, tokenizer = load_seq2seq(model_dir)
     cfg = TrainConfig(num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      output_dir=output_dir or os.path.join(model_dir, "eval"), progress=False)
+                      output_dir=output_dir or os.path.join(model_dir, "eval"), progress=False, **(generation or {}))
+    model, tokenizer = load_seq2seq(model_dir)  # after the settings are checked
     return Engine(model, tokenizer, cfg)
 
 
@@ -79,17 +80,24 @@ def cmd_eval(args) -> int:
     if not os.path.isdir(args.model):
         raise ModelNotAvailable(f"--model {args.model}: not a folder (pass the model/ folder a training run wrote)")
     pairs = read_pairs(args.data)  # a bad data file fails before the model loads
-    engine = _engine_for(args.model, args.num_beams, args.batch_size, args.output_dir, args.max_new_tokens)
+    engine = _engine_for(args.model, args.num_beams, args.batch_size, args.output_dir, args.max_new_tokens,
+                         _generation(args))
     metrics = engine.evaluate(pairs)
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 def cmd_generate(args) -> int:
-    engine = _engine_for(args.model, args.num_beams, args.batch_size, None, args.max_new_tokens)
+    engine = _engine_for(args.model, args.num_beams, args.batch_size, None, args.max_new_tokens, _generation(args))
     for text, out in zip(args.texts, engine.generate(args.texts)):
         print(f"{text}\t{out}")
     return 0
+
+
+def _generation(args) -> dict:
+    from .generation import SETTINGS
+
+    return {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
 
 
 def cmd_report(args) -> int:
@@ -188,6 +196,12 @@ def main(argv=None) -> int:
         p.add_argument("--num-beams", type=_positive, default=4)
         p.add_argument("--batch-size", type=_positive, default=64)
         p.add_argument("--max-new-tokens", type=_positive, default=64)
+        p.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**this")
+        p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
+                       help="beam search: stop once num_beams candidates are finished")
+        p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of this size twice")
+        p.add_argument("--min-new-tokens", type=int, default=None, help="tokens generated before eos may end")
+        p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeated tokens")
         if name == "eval":
             p.add_argument("--data", required=True)
             p.add_argument("--output-dir", default=None)

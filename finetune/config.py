@@ -50,6 +50,13 @@ class TrainConfig:
     eval_batch_size: int | None = None
     num_beams: int = 1
     max_new_tokens: int = 64
+    # generation settings of transformers' GenerationConfig; None: the checkpoint's generation config decides
+    # (e.g. a summarisation checkpoint's own length_penalty, or a forced first token such as mBART's language)
+    length_penalty: float | None = None  # beam search: score / length**length_penalty (> 0 favours longer)
+    early_stopping: bool | None = None  # beam search: stop when num_beams finished candidates exist
+    no_repeat_ngram_size: int | None = None  # no n-gram of this size twice in an output (0: off)
+    min_new_tokens: int | None = None  # eos is blocked until this many tokens are generated
+    repetition_penalty: float | None = None  # > 1 discourages tokens already in the input or output (CTRL)
     eval_every: int | None = None  # optimizer steps; None: at the end of each epoch
     eval_max_samples: int | None = None  # evaluations during training use a fixed seeded subset of this size
     eval_num_beams: int = 1  # beams of the evaluations during training (greedy); the final one uses num_beams
@@ -110,6 +117,10 @@ class TrainConfig:
         need(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or None")
         need(self.eval_max_samples is None or self.eval_max_samples >= 1, "eval_max_samples", "must be >= 1 or None")
         need(self.eval_num_beams >= 1, "eval_num_beams", "must be >= 1")
+        from .generation import SETTINGS, check_settings
+
+        check_settings({name: getattr(self, name) for name in SETTINGS}, max(self.num_beams, self.eval_num_beams),
+                       self.max_new_tokens, "TrainConfig.")
         from .metrics import METRIC_DIRECTIONS
 
         need(self.best_metric is None or self.best_metric in METRIC_DIRECTIONS, "best_metric",

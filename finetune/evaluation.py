@@ -13,6 +13,7 @@ import os
 import torch
 
 from .data import LengthGroupedBatches
+from .generation import generate_kwargs
 from .masks import IGNORE_INDEX
 from .metrics import GenerationMetrics
 from .models import check_length
@@ -40,7 +41,8 @@ def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | N
             predictions[i] = {"source": source, "target": target, "prediction": text,
                               "correct": metrics.add(source, target, text)}
     result = {"loss": loss_sum / max(1, tokens), **metrics.result(), "step": engine.global_step,
-              "num_beams": num_beams or cfg.num_beams, **({"final": True} if final else {})}
+              "num_beams": num_beams or cfg.num_beams,
+              **generate_kwargs(cfg, num_beams or cfg.num_beams), **({"final": True} if final else {})}
     if predictions_file and engine.dist.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, predictions_file), "w", encoding="utf-8") as f:
@@ -81,10 +83,11 @@ def check_generation(model, num_beams, max_new_tokens) -> None:
 
 def generate_ids(engine, input_ids, attention_mask, num_beams=None, max_new_tokens=None) -> list[str]:
     cfg, tokens = engine.config, engine.tokens
+    num_beams = num_beams or cfg.num_beams
     with engine.precision.autocast():
         out = engine.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams or cfg.num_beams,
+            input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams,
             max_new_tokens=max_new_tokens or cfg.max_new_tokens, decoder_start_token_id=tokens.decoder_start,
-            eos_token_id=tokens.eos, pad_token_id=tokens.pad, do_sample=False,
+            eos_token_id=tokens.eos, pad_token_id=tokens.pad, do_sample=False, **generate_kwargs(cfg, num_beams),
         )
     return engine.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
