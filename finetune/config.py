@@ -31,6 +31,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; stops early when set
     batch_size: int = 32
+    max_tokens: int | None = None  # instead of batch_size: padded source + target tokens per micro-batch (per rank)
     grad_accum: int = 1
     group_by_length: bool = True
     # data
@@ -108,6 +109,9 @@ class TrainConfig:
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or None")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.max_tokens is None or self.max_tokens >= self.max_source_length + self.max_target_length,
+             "max_tokens", f"must hold one example of the longest kept lengths: >= max_source_length + "
+             f"max_target_length = {self.max_source_length + self.max_target_length} (or None: batch_size)")
         need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         need(self.max_source_length >= 2, "max_source_length", "must be >= 2")
         need(self.max_target_length >= 2, "max_target_length", "must be >= 2")

@@ -11,15 +11,14 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .batching import LengthGroupedBatches  # noqa: F401  (its old home)
 from .masks import decoder_attention_mask, pad_inputs, pad_labels, shift_tokens_right
 
 
@@ -275,39 +274,3 @@ class Collator:
             "decoder_attention_mask": decoder_attention_mask(labels),
             "labels": labels,
         }
-
-
-class LengthGroupedBatches:
-    """Deterministic batches of similar length: less padding, the same examples every epoch.
-
-    Each epoch: shuffle with (seed, epoch), cut into mega-batches of `batch_size * mega` examples, sort
-    each by length (longest first), cut into batches, shuffle the batch order. Every example appears
-    exactly once per epoch; the last batch may be smaller. `group_by_length=False` gives plain shuffled
-    batches.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_by_length: bool = True,
-                 shuffle: bool = True, mega: int = 50):
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.seed = seed
-        self.group_by_length = group_by_length
-        self.shuffle = shuffle
-        self.mega = mega
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        order = list(range(len(self.lengths)))
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        if self.shuffle:
-            rng.shuffle(order)
-        if self.group_by_length:
-            size = self.batch_size * self.mega
-            chunks = [sorted(order[i:i + size], key=lambda j: -self.lengths[j]) for i in range(0, len(order), size)]
-            order = [j for chunk in chunks for j in chunk]
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        if self.shuffle and self.group_by_length:
-            rng.shuffle(batches)
-        return batches

@@ -26,11 +26,12 @@ from torch import nn
 from . import distributed, evaluation
 from .checkpoint import find_checkpoint, load_checkpoint
 from .config import TrainConfig
-from .data import Collator, Example, LengthGroupedBatches, data_fingerprint, read_pairs, tokenize_pairs
+from .batching import padding_fraction, schedule_of, training_sampler
+from .data import Collator, Example, data_fingerprint, read_pairs, tokenize_pairs
 from .export import save_model_folder, save_outputs
 from .freeze import trainable_report
 from .guards import (TrainingStopped, check_device, check_engine_arguments, check_evaluation_settings,
-                     check_gradients, check_overfit_arguments, count_nonfinite, schedule_of)
+                     check_gradients, check_overfit_arguments, count_nonfinite)
 from .loss import TrainingLoss
 from .masks import IGNORE_INDEX
 from .models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
@@ -73,7 +74,8 @@ class Engine:
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)
         self.optimizer = self.scheduler = None
-        self.global_step, self.nonfinite_in_a_row = 0, 0  # steps taken; non-finite steps skipped in a row
+        # steps taken; non-finite steps skipped in a row; padding share of the epoch's batches (finetune.batching)
+        self.global_step, self.nonfinite_in_a_row, self.padding = 0, 0, None
         self._checked_gradients = False
 
     # ------------------------------------------------------------------------------------------
@@ -91,15 +93,9 @@ class Engine:
         _, examples = self._tokenized(train, "train")
         eval_full = self._tokenized(eval, "eval") if eval is not None else None
         eval_set = subset(eval_full, cfg.eval_max_samples, cfg.seed)
-        steps_per_epoch, total_steps, epochs = schedule_of(cfg, len(examples), world)
+        sampler = training_sampler(cfg, examples, world)
+        steps_per_epoch, total_steps, epochs = schedule_of(cfg, sampler)
         check_evaluation_settings(cfg, eval is not None, total_steps, sharded=cfg.fsdp and self.dist.enabled)
-        # global micro-batches of batch_size x world; rank r takes every world-th example of each
-        sampler = LengthGroupedBatches([len(e.input_ids) + len(e.labels) for e in examples], cfg.batch_size * world,
-                                       cfg.seed, cfg.group_by_length)
-        leftover = len(examples) % (cfg.batch_size * world)
-        if self.dist.enabled and 0 < leftover < world:  # some rank would get an empty micro-batch
-            raise ValueError(f"{len(examples)} examples leave a last global batch of {leftover}, fewer than the "
-                             f"{world} ranks; drop or add a few examples")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
         if cfg.grad_checkpointing:
             self.enable_checkpointing()
@@ -110,7 +106,7 @@ class Engine:
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss, self.sharded)
         self.build_optimizer(total_steps, warmup)
         self.recorder.log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
-                          f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), "
+                          f"batch {f'of {cfg.max_tokens} tokens' if cfg.max_tokens else cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), "
                           f"{self.precision}, {self.loss.reason}, device {self.device}")
         data_hash = data_fingerprint(examples)
         eval_hash = data_fingerprint(eval_full[1]) if eval_full is not None else None
@@ -164,6 +160,8 @@ class Engine:
         global batch), from where a resume picks up, until the run's last step."""
         cfg, world, rank = self.config, self.dist.world_size, self.dist.rank
         batches = run.sampler.batches(epoch)
+        self.padding = padding_fraction(batches, run.examples, world)  # the train records of this epoch carry it
+        self.recorder.log(f"epoch {epoch}: {len(batches)} batches, padding {self.padding:.1%} of the padded tokens")
         for index, start in enumerate(range(0, len(batches), cfg.grad_accum)):
             if (epoch, index) < run.start:
                 continue  # consumed before the checkpoint we resumed from

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .data import LengthGroupedBatches
+from .batching import LengthGroupedBatches
 from .generation import generate_kwargs
 from .masks import IGNORE_INDEX
 from .metrics import GenerationMetrics

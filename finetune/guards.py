@@ -15,15 +15,6 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on: what is wrong is in the message."""
 
 
-def schedule_of(config, examples: int, world: int = 1) -> tuple[int, int, int]:
-    """(optimizer steps per epoch, total optimizer steps, epochs) of a run over `examples` training examples in
-    global micro-batches of batch_size x world."""
-    batches = math.ceil(examples / (config.batch_size * world))
-    per_epoch = math.ceil(batches / config.grad_accum)
-    total = config.max_steps or config.epochs * per_epoch
-    return per_epoch, total, math.ceil(total / per_epoch)
-
-
 def check_evaluation_settings(config, has_eval: bool, total_steps: int, sharded: bool = False) -> None:
     """Evaluation settings that could never act are refused before the first step (`Engine.prepare` and the
     preflight, `finetune check`, call this alike): evaluation settings without evaluation data, and a best model

@@ -67,10 +67,11 @@ def check(engine, train, new_parameters=(), steps: int = 200, eval=None) -> Chec
         torch.set_rng_state(rng)  # checking changes nothing, the random state included
 
 
-def _check_evaluation(report, engine, eval, examples: int) -> None:
-    """The evaluation data and settings, as `Engine.prepare` will see them."""
+def _check_evaluation(report, engine, eval, examples) -> None:
+    """The batches, the evaluation data and settings, as `Engine.prepare` will see them."""
+    from .batching import padding_fraction, schedule_of, training_sampler
     from .data import DataError
-    from .guards import check_evaluation_settings, schedule_of
+    from .guards import check_evaluation_settings
 
     cfg = engine.config
     detail = "no evaluation data"
@@ -80,7 +81,16 @@ def _check_evaluation(report, engine, eval, examples: int) -> None:
         except DataError as err:
             report.add("FAIL", "evaluation", str(err))
             return
-    total = schedule_of(cfg, examples, engine.dist.world_size)[1]
+    try:
+        sampler = training_sampler(cfg, examples, engine.dist.world_size)
+    except ValueError as err:
+        report.add("FAIL", "batches", str(err))
+        return
+    total = schedule_of(cfg, sampler)[1]
+    first = sampler.batches(0)
+    report.add("PASS", "batches", f"{len(first)} batches in the first epoch "
+               f"({f'at most {cfg.max_tokens} padded tokens each' if cfg.max_tokens else f'of {cfg.batch_size}'}), "
+               f"padding {padding_fraction(first, examples, engine.dist.world_size):.1%}")
     try:
         check_evaluation_settings(cfg, eval is not None, total)
     except ValueError as err:
@@ -99,8 +109,8 @@ def _check(engine, train, new_parameters, steps: int, eval, scratch: str) -> Che
                f"{tok.convert_ids_to_tokens(tokens.eos)!r}: config, generation config and tokenizer agree")
     cfg = engine.config
     pairs = read_pairs(train, cfg.source_field, cfg.target_field, "training data")
-    _check_evaluation(report, engine, eval, len(pairs))
     examples, counts = tokenize_pairs(pairs, tok, cfg.max_source_length, cfg.max_target_length, tokens.decoder_start)
+    _check_evaluation(report, engine, eval, examples)
     size = min(len(examples), max(2, min(cfg.batch_size, 8)))
     batch = engine.collate(examples[:size])
     _check_batch(report, engine, batch, pairs[:size])

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from . import distributed
 from .checkpoint import CheckpointError, load_model_tensors, rng_state, save_checkpoint
-from .data import Example, LengthGroupedBatches
+from .batching import LengthGroupedBatches, TokenBudgetBatches
+from .data import Example
 from .guards import TrainingStopped
 from .optim import optimizer_state_bytes
 
@@ -46,7 +47,7 @@ class TrainingRun:
     examples: list[Example]
     eval_set: Tokenized | None  # what evaluations during training use (eval_max_samples: a fixed subset)
     eval_full: Tokenized | None  # the whole evaluation data, for the final evaluation
-    sampler: LengthGroupedBatches
+    sampler: LengthGroupedBatches | TokenBudgetBatches
     total_steps: int
     epochs: int
     start: tuple[int, int]  # (epoch, windows of it already consumed)
@@ -218,7 +219,8 @@ class StepLog:
                   "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                   "skipped_steps": sum(s["skipped"] for s in self.stats),
                   "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                  "samples_per_s_per_rank": samples / seconds / self.engine.dist.world_size}
+                  "samples_per_s_per_rank": samples / seconds / self.engine.dist.world_size,
+                  "padding_fraction": self.engine.padding}
         if not self.said_state:  # the optimizer's state exists from its first step on
             state = optimizer_state_bytes(self.engine.optimizer)
             trainable = sum(p.numel() for g in self.engine.optimizer.param_groups for p in g["params"])

@@ -19,6 +19,7 @@ from finetune.checkpoint import CheckpointError
 from finetune.models import tiny_bart
 
 DATA = SPELLING * 4  # 24 pairs: 3 global batches of 8 per epoch
+VARIED = [(" ".join(["word"] * (1 + i % 9)), " ".join(["w"] * (1 + i % 4))) for i in range(41)]  # odd: a last group of 1
 
 
 def free_port() -> int:
@@ -65,7 +66,11 @@ def worker(rank, world, port, method, out, kw, resume):
     torch.set_num_threads(1)
     model, tok = make(method, kw.pop("dropout", 0.0))
     engine = Engine(model, tok, config(out, 4, **kw))
-    engine.fit(DATA, resume=resume)
+    shapes, collate = [], engine.collate  # each micro-batch this rank trains on: (examples, padded tokens)
+    engine.collate = lambda ex: shapes.append((len(ex), collate(ex))) or shapes[-1][1]
+    engine.fit(DATA if not kw.get("max_tokens") else VARIED, resume=resume)
+    with open(os.path.join(out, f"shapes-rank{rank}.json"), "w") as f:
+        json.dump([(n, b["input_ids"].numel() + b["labels"].numel()) for n, b in shapes], f)
     if rank == 0 and not kw.get("fsdp"):
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, "final.pt"))
     torch.distributed.barrier()
@@ -137,6 +142,17 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, method
         assert a == pytest.approx(b, abs=1e-5)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_token_budget_batches_shard_evenly_over_two_ranks(tmp_path):
+    """max_tokens under torchrun: both ranks take the same number of steps, each rank's micro-batch stays within the
+    budget, and together they train on every example once an epoch (41 examples: the odd one joins a batch)."""
+    launch(tmp_path, "full", max_tokens=96, max_source_length=48, max_target_length=24, grad_accum=1)
+    ranks = [json.load(open(tmp_path / f"shapes-rank{r}.json")) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    assert all(0 < n and tokens <= 96 for rank in ranks for n, tokens in rank)
+    assert sum(n for rank in ranks for n, _ in rank) == 2 * len(VARIED)  # two epochs
+    assert len({n for n, _ in ranks[0]}) > 1
 
 
 def finished_copy(run, to):
