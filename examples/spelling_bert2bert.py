@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from common import compare, cpu_description, mean_rate, probe_result  # noqa: E402
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
 from finetune.freeze import freeze  # noqa: E402
@@ -113,7 +113,7 @@ def main(argv=None):
     if args.budget_minutes is not None and not (args.compare and args.budget == "time"):
         ap.error("--budget-minutes sets the budget of --compare --budget time; it does nothing here")
     if args.compare:
-        return compare(args, argv if argv is not None else sys.argv[1:])
+        return compare(args, argv if argv is not None else sys.argv[1:], __file__, markdown_table, chart)
 
     built = bert2bert_by_name(args.model)
     model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
@@ -152,8 +152,7 @@ def main(argv=None):
     train_seconds = time.perf_counter() - started
     if probe:  # the training rate without the first window (warm-up: first calls, allocator growth)
         with open(args.result_json, "w", encoding="utf-8") as f:
-            json.dump({"method": args.method, "steps": engine.global_step,
-                       "samples_per_s": mean_rate(history["train"][1:] or history["train"])}, f)
+            json.dump(probe_result(args.method, engine, history), f)
         shutil.rmtree(args.output_dir, ignore_errors=True)
         return 0
     metrics = engine.evaluate(test, predictions_file="test_predictions.jsonl")
@@ -189,85 +188,6 @@ def main(argv=None):
                        "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name,
                        "optimizer": engine.optimizer.__class__.__name__}, f)
     return 0
-
-
-def mean_rate(records) -> float:
-    """The mean samples/s of training log records (0 if none)."""
-    return sum(r["samples_per_s"] for r in records) / max(1, len(records))
-
-
-def cpu_description() -> str:
-    """The CPU's model name and whether it has bf16 matrix units, for the report."""
-    import platform
-
-    from finetune.precision import cpu_bf16_units
-
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, bf16 units: {cpu_bf16_units() or 'none'}"
-
-
-def compare(args, argv):
-    """Every method in a fresh process (so each peak memory is its own), then one table, markdown and PNG."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    passthrough, dropping = [], False
-    for a in argv:  # everything but the flags of --compare itself (and their values)
-        if a.startswith("--"):
-            dropping = a.split("=", 1)[0] in ("--compare", "--methods", "--budget", "--budget-minutes",
-                                              "--compare-probe-steps")
-        if not dropping:
-            passthrough.append(a)
-    steps = budget_steps(args, passthrough) if args.budget == "time" else {}
-    results = []
-    for method in METHODS:
-        out = os.path.join(args.output_dir, method)
-        result = os.path.join(out, "result.json")
-        if method in args.methods:
-            os.makedirs(out, exist_ok=True)
-            # argparse keeps the last value of a repeated flag: these override the user's --method / --output-dir
-            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
-                   "--output-dir", out, "--result-json", result]
-            if method in steps:  # the same minutes: this method's steps, validated 4 times like every other
-                cmd += ["--max-steps", str(steps[method]), "--eval-every", str(steps[method] // 4)]
-            print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True)
-        elif not os.path.exists(result):
-            continue  # neither run now nor earlier: not in the table
-        with open(result, encoding="utf-8") as f:
-            results.append(json.load(f))
-    table = markdown_table(results)
-    print("\n" + table)
-    with open(os.path.join(args.output_dir, "compare.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    chart(results, os.path.join(args.output_dir, "compare.png"))
-    print(f"\nsaved {os.path.join(args.output_dir, 'compare.md')} and compare.png")
-    return 0
-
-
-def budget_steps(args, passthrough) -> dict[str, int]:
-    """Each method's step count for the same training minutes: a timed probe of its steps (its own process, the
-    same flags), then steps = budget x its samples/s / batch size, rounded to 20. The budget is --budget-minutes,
-    or the minutes full fine-tuning's probed rate needs for --max-steps. Validation runs come on top, 4 per
-    method (equal cost for every method)."""
-    probed = {}
-    for method in [m for m in METHODS if m in args.methods or (m == "full" and args.budget_minutes is None)]:
-        path = os.path.join(args.output_dir, f"probe-{method}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--method", method,
-               "--probe-steps", str(args.compare_probe_steps), "--result-json", path]
-        print(f"== timing probe, {method}: {args.compare_probe_steps} steps", flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        with open(path, encoding="utf-8") as f:
-            probed[method] = json.load(f)["samples_per_s"]
-    seconds = args.budget_minutes * 60 if args.budget_minutes else args.max_steps * args.batch_size / probed["full"]
-    steps = {m: max(20, round(seconds * rate / args.batch_size / 20) * 20) for m, rate in probed.items()
-             if m in args.methods}
-    print(f"budget {seconds / 60:.1f} training minutes each: " +
-          ", ".join(f"{m} {probed[m]:.0f} samples/s -> {n} steps" for m, n in steps.items()), flush=True)
-    return steps
 
 
 BUCKETS = ("1", "2", "3", "4", "5", "6+")

@@ -47,24 +47,32 @@ class LengthGroupedBatches:
         return batches
 
 
-def grouped_order(lengths, chunk: int, rng: random.Random, shuffle: bool, group: bool) -> list[int]:
-    """Indices shuffled by `rng`, then (`group`) sorted longest first within consecutive chunks of `chunk`."""
+def grouped_order(lengths, chunk: int, rng: random.Random, shuffle: bool, group: bool, key=None) -> list[int]:
+    """Indices shuffled by `rng`, then (`group`) sorted longest first within consecutive chunks of `chunk`
+    (`key(j)`: a sort key of example j instead of its length; smallest first)."""
     order = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(order)
     if group:
-        chunks = [sorted(order[i:i + chunk], key=lambda j: -lengths[j]) for i in range(0, len(order), chunk)]
+        key = key or (lambda j: -lengths[j])
+        chunks = [sorted(order[i:i + chunk], key=key) for i in range(0, len(order), chunk)]
         order = [j for c in chunks for j in c]
     return order
+
+
+SOURCE_STEP = 8  # TokenBudgetBatches: sources within this many tokens sort together, then by target length
 
 
 class TokenBudgetBatches:
     """Batches of as many examples as fit `max_tokens` padded tokens (source + target) per micro-batch.
 
-    The order is LengthGroupedBatches' (shuffle by (seed, epoch), sort longest first within mega-batches of
-    about 50 batches), then the sorted examples are packed greedily: a batch closes when one more group of
-    `world` examples (one per rank) would take a rank's micro-batch past the budget, counted as
-    ceil(n / world) x (longest source + longest target in the batch), the padded size of the largest share.
+    The order: shuffle by (seed, epoch), then sort within mega-batches of about `mega` batches by source length
+    in steps of `SOURCE_STEP` tokens, and within a step by target length (longest first): sources and targets
+    are padded separately, and sorting by their sum alone leaves the targets of a batch mixed (on the code job
+    that was most of the padding: benchmarks/bench_batching.py). Then the sorted examples are packed greedily:
+    a batch closes when one more group of `world` examples (one per rank) would take a rank's micro-batch past
+    the budget, counted as ceil(n / world) x (longest source + longest target in the batch), the padded size of
+    the largest share.
     Long examples so travel in small batches and short ones in large: the same tokens a step, little padding.
     Every example appears once per epoch; batch counts differ between epochs (`num_batches`). Under torchrun a
     last group of fewer than `world` examples joins the batch before it (taking that batch's last group with
@@ -72,7 +80,7 @@ class TokenBudgetBatches:
     """
 
     def __init__(self, source_lengths: list[int], target_lengths: list[int], max_tokens: int, world: int = 1,
-                 seed: int = 0, group_by_length: bool = True, shuffle: bool = True, mega: int = 50):
+                 seed: int = 0, group_by_length: bool = True, shuffle: bool = True, mega: int = 100):
         self.source, self.target = source_lengths, target_lengths
         self.max_tokens, self.world, self.seed = max_tokens, world, seed
         self.group_by_length, self.shuffle = group_by_length, shuffle
@@ -100,7 +108,8 @@ class TokenBudgetBatches:
     def batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         lengths = [s + t for s, t in zip(self.source, self.target)]
-        order = grouped_order(lengths, self.chunk, rng, self.shuffle, self.group_by_length)
+        order = grouped_order(lengths, self.chunk, rng, self.shuffle, self.group_by_length,
+                              key=lambda j: (-(self.source[j] // SOURCE_STEP), -self.target[j], -self.source[j]))
         batches, current, longest_source, longest_target = [], [], 0, 0
         for start in range(0, len(order), self.world):
             group = order[start:start + self.world]

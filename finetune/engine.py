@@ -106,7 +106,8 @@ class Engine:
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss, self.sharded)
         self.build_optimizer(total_steps, warmup)
         self.recorder.log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
-                          f"batch {f'of {cfg.max_tokens} tokens' if cfg.max_tokens else cfg.batch_size} x accumulation {cfg.grad_accum} x {world} process(es), "
+                          f"batch {f'of {cfg.max_tokens} tokens' if cfg.max_tokens else cfg.batch_size} x "
+                          f"accumulation {cfg.grad_accum} x {world} process(es), "
                           f"{self.precision}, {self.loss.reason}, device {self.device}")
         data_hash = data_fingerprint(examples)
         eval_hash = data_fingerprint(eval_full[1]) if eval_full is not None else None

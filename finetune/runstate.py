@@ -218,7 +218,7 @@ class StepLog:
                   "token_accuracy": sum(s["token_accuracy"] * s["tokens"] for s in self.stats) / tokens,
                   "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                   "skipped_steps": sum(s["skipped"] for s in self.stats),
-                  "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                  "samples": samples, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
                   "samples_per_s_per_rank": samples / seconds / self.engine.dist.world_size,
                   "padding_fraction": self.engine.padding}
         if not self.said_state:  # the optimizer's state exists from its first step on

@@ -26,3 +26,25 @@ def test_bench_train_smoke_with_peer(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| minilm | lora | off | fp32 |" in table
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_bench_long_smoke_with_peer(tmp_path):
+    """The long-input benchmark: both sides, the same trainable count, whole-life peak RSS, MFU, the table."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_long.py"), "--methods", "bitfit", "--rounds", "1",
+           "--steps", "2", "--batch-size", "2", "--max-source-length", "32", "--checkpointing", "on",
+           "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {r["engine"] for r in runs} == {"ours", "peer"} and len({r["trainable"] for r in runs}) == 1
+    assert all(r["samples_per_s"] > 0 and r["peak_rss_mib"] > 100 and r["gflops_per_s"] > 0 for r in runs)
+    table = (tmp_path / "results.md").read_text()
+    assert "| bitfit | on |" in table and "matmul peak" in table
+
+
+def test_matmul_peak_prints_each_precision():
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "matmul_peak.py"), "--precisions", "fp32", "--repeats",
+           "1", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["gflops"]["fp32"] > 0

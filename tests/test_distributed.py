@@ -19,7 +19,8 @@ from finetune.checkpoint import CheckpointError
 from finetune.models import tiny_bart
 
 DATA = SPELLING * 4  # 24 pairs: 3 global batches of 8 per epoch
-VARIED = [(" ".join(["word"] * (1 + i % 9)), " ".join(["w"] * (1 + i % 4))) for i in range(41)]  # odd: a last group of 1
+# 41 pairs of varied lengths (an odd count: a last group of one) for the token-budget test
+VARIED = [(" ".join(["word"] * (1 + i % 9)), " ".join(["w"] * (1 + i % 4))) for i in range(41)]
 
 
 def free_port() -> int:
