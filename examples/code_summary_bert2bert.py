@@ -123,6 +123,9 @@ def main(argv=None):
 
     built = bert2bert_by_name(args.model)
     model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
+    # BERT's word pieces decode as "user ' s"; its tokenizers cleaned that up before transformers 5 made it opt-in
+    # (MiniLM's tokenizer config does not say), and BLEU counts "user's" as one token
+    tokenizer.clean_up_tokenization_spaces = True
     set_dropout(model, args.dropout)
     settings = {"lora_targets": list(LORA_TARGETS), "lora_dropout": 0.0} if "lora_targets" in settings_of(args.method) \
         else {}

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from . import distributed
 from .batching import LengthGroupedBatches
 from .generation import generate_kwargs
 from .masks import IGNORE_INDEX
@@ -22,7 +23,9 @@ from .models import check_length
 @torch.inference_mode()
 def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | None = None,
              predictions_file: str | None = "eval_predictions.jsonl", final: bool = False) -> dict:
-    """`data`: (pairs, examples) tokenised by the engine. Returns loss, exact_match, by_edit_distance, ROUGE."""
+    """`data`: (pairs, examples) tokenised by the engine. Returns loss, exact_match, by_edit_distance, ROUGE.
+    Under torchrun (DDP) every rank must call it: each generates every world-th batch, and every rank gets the
+    metrics of all of them (the same figures as one process)."""
     cfg, model = engine.config, engine.model
     pairs, examples = data
     check_generation(model, num_beams, max_new_tokens)
@@ -30,12 +33,21 @@ def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | N
     model.eval()
     sampler = LengthGroupedBatches([len(e.input_ids) for e in examples], cfg.eval_batch_size or cfg.batch_size,
                                    shuffle=False)
-    metrics, predictions, loss_sum, tokens = GenerationMetrics(), [None] * len(pairs), 0.0, 0
-    for indices in sampler.batches(0):
+    batches, dist = sampler.batches(0), engine.dist
+    split = dist.enabled and not engine.sharded  # FSDP: every rank runs every forward (its shards gather)
+    done = {}  # batch number -> (its loss sum, label tokens, generated texts)
+    for number, indices in enumerate(batches):
+        if split and number % dist.world_size != dist.rank:
+            continue  # another rank's batch
         batch = {k: v.to(engine.device) for k, v in engine.collate([examples[i] for i in indices]).items()}
-        loss_sum += float(engine.loss(model, batch)[0])
-        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
-        texts = generate_ids(engine, batch["input_ids"], batch["attention_mask"], num_beams, max_new_tokens)
+        done[number] = (float(engine.loss(model, batch)[0]), int((batch["labels"] != IGNORE_INDEX).sum()),
+                        generate_ids(engine, batch["input_ids"], batch["attention_mask"], num_beams, max_new_tokens))
+    if split:  # every rank's batches, then the sums in batch order: the figures of one process
+        done = {k: v for part in distributed.gather_objects(done, dist) for k, v in part.items()}
+    metrics, predictions, loss_sum, tokens = GenerationMetrics(), [None] * len(pairs), 0.0, 0
+    for number, indices in enumerate(batches):
+        batch_loss, batch_tokens, texts = done[number]
+        loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
         for i, text in zip(indices, texts):
             source, target = pairs[i]
             predictions[i] = {"source": source, "target": target, "prediction": text,

@@ -242,22 +242,22 @@ class StepLog:
 
 
 def evaluate_during_fit(engine, run: TrainingRun, history: dict, position, on_evaluate=None) -> bool:
-    """Rank 0 evaluates (greedy by default, on the evaluation subset) while the others wait; every rank then
-    updates the best-so-far alike, and the best evaluation's weights are kept as a checkpoint pruning never
+    """Every rank evaluates its share of the batches (greedy by default, on the evaluation subset; under FSDP
+    every rank runs them all, rank 0 only keeping the figures); every rank then updates the best-so-far alike, and the best evaluation's weights are kept as a checkpoint pruning never
     deletes. An evaluation that fails first saves the training, then stops the run saying where it is.
     Returns True when early stopping ends the run."""
     cfg, saver, result = engine.config, run.checkpointer, None
-    if engine.dist.is_main:
+    if engine.dist.is_main or (engine.dist.enabled and not engine.sharded):
         try:
             result = engine.evaluate(run.eval_set, num_beams=cfg.eval_num_beams)
         except Exception as err:
             saved = [saver.save(*position)] if not engine.dist.enabled else []
-            saved += [engine.save_outputs()] if cfg.save_model else []
+            saved += [engine.save_outputs()] if cfg.save_model and engine.dist.is_main else []
             raise TrainingStopped(f"evaluation at step {engine.global_step} failed ({type(err).__name__}: {err}); "
                                   f"the training up to here is saved: {', '.join(filter(None, saved)) or 'nothing'}"
                                   ) from err
-        history["eval"].append(result)
     result = distributed.broadcast_object(result, engine.dist) if engine.dist.enabled else result
+    history["eval"].append(result)
     engine.model.train()
     if on_evaluate is not None:
         on_evaluate(engine, result)
@@ -298,7 +298,8 @@ def finish(engine, run: TrainingRun, history: dict, position, on_evaluate=None) 
     last_eval = history["eval"][-1] if history["eval"] else None
     repeat = last_eval is not None and last_eval["step"] == engine.global_step and not best.path and \
         run.eval_set is run.eval_full and cfg.eval_num_beams == cfg.num_beams
-    if run.eval_full is not None and engine.dist.is_main and not repeat:
+    everyone = engine.dist.enabled and not engine.sharded  # DDP: the ranks share the batches
+    if run.eval_full is not None and (engine.dist.is_main or everyone) and not repeat:
         final = engine.evaluate(run.eval_full, predictions_file="eval_predictions.jsonl", final=True)
         history["final_eval"] = final
         if on_evaluate is not None:

@@ -156,6 +156,36 @@ def test_token_budget_batches_shard_evenly_over_two_ranks(tmp_path):
     assert len({n for n, _ in ranks[0]}) > 1
 
 
+def eval_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model, tok = make("full")
+    engine = Engine(model, tok, config(out, 4, eval_batch_size=3, num_beams=2, max_new_tokens=6))
+    result = engine.evaluate(VARIED[:17])
+    with open(os.path.join(out, f"eval-rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def test_evaluation_is_split_across_ranks_with_the_figures_of_one_process(tmp_path):
+    """Each rank generates every other batch (17 pairs in 6 batches of 3); both get the metrics of all of them,
+    equal to one process's, and rank 0 writes the predictions of every pair."""
+    mp.start_processes(eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    model, tok = make("full")
+    one = Engine(model, tok, config(tmp_path / "one", 4, eval_batch_size=3, num_beams=2, max_new_tokens=6))
+    want = one.evaluate(VARIED[:17])
+    got = [json.load(open(tmp_path / f"eval-rank{r}.json")) for r in (0, 1)]
+    assert got[0] == got[1]
+    assert got[0]["n"] == 17 and got[0]["loss"] == pytest.approx(want["loss"], abs=1e-6)
+    assert {k: v for k, v in got[0].items() if k != "loss"} == {k: v for k, v in want.items() if k != "loss"}
+    rows = [json.loads(line) for line in open(tmp_path / "eval_predictions.jsonl")]
+    assert [r["prediction"] for r in rows] == [json.loads(line)["prediction"]
+                                              for line in open(tmp_path / "one" / "eval_predictions.jsonl")]
+
+
 def finished_copy(run, to):
     """A copy of a finished run's folder without its final outputs: what the same run again would leave to resume
     from (every run here is deterministic), for the price of a copy instead of a 2-rank launch."""
