@@ -27,7 +27,6 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -173,7 +172,7 @@ def main(argv=None) -> int:
         args.checkpointing = args.checkpointing[0]
         print(json.dumps(worker(args)))
         return 0
-    from bench_real import machine
+    from bench_real import machine, run_worker
     from matmul_peak import peaks
 
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"long_{args.subset}_{args.precision}")
@@ -188,11 +187,7 @@ def main(argv=None) -> int:
                            method, "--precision", args.precision, "--subset", args.subset, "--steps", str(args.steps),
                            "--batch-size", str(args.batch_size), "--max-source-length", str(args.max_source_length),
                            "--lr", str(args.lr), "--new-lr", str(args.new_lr), "--checkpointing", checkpointing]
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    if done.returncode:
-                        print(done.stderr[-3000:], file=sys.stderr)
-                        raise SystemExit(f"{engine} {method} failed (exit {done.returncode})")
-                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                    result = run_worker(cmd, args.timeout, f"{engine} {method}")
                     result["round"] = r
                     runs.append(result)
                     print(f"round {r} ckpt {checkpointing:>3} {method:>9} {engine:>4}: {result['trainable']:>11,} "

@@ -108,6 +108,16 @@ def worker(args) -> dict:
             "peak_rss_mib": peak_memory_mib(device)}
 
 
+def run_worker(cmd: list[str], timeout: int, what: str) -> dict:
+    """One benchmark run in a fresh process: the JSON object its last stdout line holds; a failed run stops the
+    benchmark with its stderr."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _peer_groups(model, new_params, args):
     """The peer's AdamW groups: the same decay rule (no decay on biases and LayerNorm gains: what HF Trainer
     does too) and the new tensors at their own learning rate, as ours."""
@@ -163,11 +173,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--engine", engine, "--method", method,
                        "--precision", args.precision, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
                        "--lr", str(args.lr), "--new-lr", str(args.new_lr), "--fused-loss", args.fused_loss]
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                if done.returncode:
-                    print(done.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{engine} {method} failed (exit {done.returncode})")
-                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result = run_worker(cmd, args.timeout, f"{engine} {method}")
                 result["round"] = r
                 runs.append(result)
                 print(f"round {r} {method:>14} {engine:>4}: {result['samples_per_s']:7.1f} samples/s, "
