@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from common import compare, cpu_description, mean_rate, probe_result  # noqa: E402
+from common import compare, cpu_description, curves, mean_rate, probe_result  # noqa: E402
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import code_summary_pairs, name_baseline  # noqa: E402
 from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
@@ -238,14 +238,7 @@ def chart(results, png):
     left.set_xticklabels(names, fontsize=7, rotation=30)
     left.set_ylabel("test split")
     left.legend(fontsize=7)
-    for r in results:
-        per_step = r["train_seconds"] / 60 / max(1, r["steps"])
-        line = right.plot([s * per_step for s, _ in r["curve"]], [v for _, v in r["curve"]], marker=".",
-                          label=f"{r['method']} (validation)")
-        right.scatter(r["train_seconds"] / 60, r["model"]["rougeL"], s=40, color=line[0].get_color(), marker="*")
-    right.set_xlabel("training minutes (validation included)")
-    right.set_ylabel("ROUGE-L (lines: validation, greedy; stars: test, beam)")
-    right.legend(fontsize=7)
+    curves(right, results, lambda r: r["model"]["rougeL"], "ROUGE-L")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -55,6 +55,20 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} cores, bf16 units: {cpu_bf16_units() or 'none'}"
 
 
+def curves(ax, results, final, metric: str) -> None:
+    """A --compare chart's right panel: each method's validation curve against training minutes (validation
+    included), and its final test figure (`final(result)`) as a star."""
+    for r in results:
+        per_step = r["train_seconds"] / 60 / max(1, r["steps"])  # minutes per step, validation included
+        curve = r.get("curve") or []
+        line = ax.plot([step * per_step for step, _ in curve], [v for _, v in curve], marker=".",
+                       label=f"{r['method']} (validation)")
+        ax.scatter(r["train_seconds"] / 60, final(r), s=40, color=line[0].get_color(), marker="*")
+    ax.set_xlabel("training minutes (validation included)")
+    ax.set_ylabel(f"{metric} (lines: validation, greedy; stars: test, beam)")
+    ax.legend(fontsize=7)
+
+
 COMPARE_FLAGS = ("--compare", "--methods", "--budget", "--budget-minutes", "--compare-probe-steps")
 
 

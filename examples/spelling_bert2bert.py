@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from common import compare, cpu_description, mean_rate, probe_result  # noqa: E402
+from common import compare, cpu_description, curves, mean_rate, probe_result  # noqa: E402
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.datasets import codespell_pairs  # noqa: E402
 from finetune.freeze import freeze  # noqa: E402
@@ -222,19 +222,12 @@ def chart(results, png):
         xs = [k + i * width for k, b in enumerate(BUCKETS) if b in r["by_edit_distance"]]
         ys = [r["by_edit_distance"][b]["exact_match"] for b in BUCKETS if b in r["by_edit_distance"]]
         left.bar(xs, ys, width, label=r["method"])
-        per_step = r["train_seconds"] / 60 / max(1, r["steps"])  # minutes per step, validation included
-        curve = r.get("curve") or []
-        line = right.plot([step * per_step for step, _ in curve], [v for _, v in curve], marker=".",
-                          label=f"{r['method']} (validation)")
-        right.scatter(r["train_seconds"] / 60, r["exact_match"], s=40, color=line[0].get_color(), marker="*")
+    curves(right, results, lambda r: r["exact_match"], "exact match")
     left.set_xticks([k + 0.4 - width / 2 for k in range(len(BUCKETS))])
     left.set_xticklabels([f"edit distance {b}" for b in BUCKETS], fontsize=8)
     left.set_ylim(0, 1)  # room above the bars for the legend
     left.set_ylabel("exact match (test)")
     left.legend(fontsize=7, ncol=2, loc="upper left")
-    right.set_xlabel("training minutes (validation included)")
-    right.set_ylabel("exact match (lines: validation, greedy; stars: test, beam)")
-    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
