@@ -140,8 +140,7 @@ class TokenBudgetBatches:
 def padding_fraction(batches: list[list[int]], examples, world: int = 1) -> float:
     """The share of padding in the micro-batches of an epoch (each rank's share padded to its longest source and
     longest target): 1 - real tokens / padded tokens."""
-    source = [len(e.input_ids) for e in examples]
-    target = [len(e.labels) for e in examples]
+    source, target = lengths_of(examples)
     real = padded = 0
     for batch in batches:
         for rank in range(world):
@@ -152,11 +151,17 @@ def padding_fraction(batches: list[list[int]], examples, world: int = 1) -> floa
     return 1 - real / padded if padded else 0.0
 
 
+def lengths_of(examples) -> tuple[list[int], list[int]]:
+    """(source lengths, target lengths) of finetune.corpus.Examples (its int32 columns) or a list of Example."""
+    if hasattr(examples, "source_lengths"):
+        return examples.source_lengths.tolist(), examples.target_lengths.tolist()
+    return [len(e.input_ids) for e in examples], [len(e.labels) for e in examples]
+
+
 def training_sampler(config, examples, world: int = 1):
     """The sampler of a run's training examples: a token budget (`max_tokens`) or `batch_size` x world examples
     (global micro-batches; rank r takes every world-th example of each)."""
-    source = [len(e.input_ids) for e in examples]
-    target = [len(e.labels) for e in examples]
+    source, target = lengths_of(examples)
     if config.max_tokens:
         if world > 1 and len(examples) < world:
             raise ValueError(f"{len(examples)} examples for {world} ranks: every rank needs one")
@@ -172,6 +177,9 @@ def training_sampler(config, examples, world: int = 1):
 def schedule_of(config, sampler) -> tuple[int, int, int]:
     """(optimizer steps of the first epoch, total optimizer steps, epochs) of a run over `sampler`'s batches
     (`max_steps`, else `epochs` whole epochs)."""
+    if not hasattr(sampler, "num_batches") or hasattr(sampler, "windows"):  # a stream: max_steps, one "epoch"
+        return config.max_steps, config.max_steps, 1
+
     def steps(epoch):
         return math.ceil(sampler.num_batches(epoch) / config.grad_accum)
 

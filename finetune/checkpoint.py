@@ -38,7 +38,8 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 # Config fields that must match for an exact resume (the rest, e.g. output_dir or log_every, may change).
-RESUME_MUST_MATCH = ("optimizer", "seed", "batch_size", "max_tokens", "grad_accum", "group_by_length",
+RESUME_MUST_MATCH = ("optimizer", "seed", "batch_size", "max_tokens", "grad_accum", "group_by_length", "streaming",
+                     "stream_buffer",
                      "max_source_length",
                      "max_target_length",
                      "lr", "weight_decay", "betas", "eps", "no_decay", "lr_overrides", "schedule", "warmup_ratio",

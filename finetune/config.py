@@ -34,11 +34,17 @@ class TrainConfig:
     max_tokens: int | None = None  # instead of batch_size: padded source + target tokens per micro-batch (per rank)
     grad_accum: int = 1
     group_by_length: bool = True
+    prefetch: int = 2  # windows collated ahead by a background thread while the step runs (0: on the training thread)
     # data
     max_source_length: int = 128
     max_target_length: int = 128
     source_field: str = "source"
     target_field: str = "target"
+    cache_data: bool = True  # files and datasets: tokenise once into an Arrow cache (finetune.corpus; needs pyarrow)
+    cache_dir: str | None = None  # where: None = $FINETUNE_CACHE, else ~/.cache/finetune
+    streaming: bool = False  # read and tokenise the training data as it goes (finetune.stream); needs max_steps
+    stream_buffer: int = 10_000  # a stream's rows per buffer: length grouping and shuffling happen within one
+    num_proc: int | None = None  # processes tokenising a file (None: every core this process may use)
     # numerics and memory
     precision: str = "auto"  # bf16 where the hardware has bf16 units (CUDA, CPU with AMX/AVX-512-BF16), else fp32
     grad_checkpointing: bool = False
@@ -113,8 +119,14 @@ class TrainConfig:
              "max_tokens", f"must hold one example of the longest kept lengths: >= max_source_length + "
              f"max_target_length = {self.max_source_length + self.max_target_length} (or None: batch_size)")
         need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        need(self.prefetch >= 0, "prefetch", "must be >= 0 (0: collate on the training thread)")
         need(self.max_source_length >= 2, "max_source_length", "must be >= 2")
         need(self.max_target_length >= 2, "max_target_length", "must be >= 2")
+        need(self.stream_buffer >= 1, "stream_buffer", "must be >= 1")
+        need(not self.streaming or self.max_steps is not None, "max_steps",
+             "a streamed run (streaming=True) reads its data as it goes: declare its optimizer steps")
+        need(self.num_proc is None or self.num_proc >= 1, "num_proc", "must be >= 1 or None (every core)")
+        need(self.cache_dir is None or bool(self.cache_dir.strip()), "cache_dir", "must be a folder path or None")
         need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1 or None")
         need(self.num_beams >= 1, "num_beams", "must be >= 1")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, evaluation
+from . import corpus, distributed, evaluation, feed
 from .checkpoint import find_checkpoint, load_checkpoint
 from .config import TrainConfig
-from .batching import padding_fraction, schedule_of, training_sampler
-from .data import Collator, Example, data_fingerprint, read_pairs, tokenize_pairs
+from .batching import schedule_of, training_sampler
+from .data import Collator
 from .export import save_model_folder, save_outputs
 from .freeze import trainable_report
 from .guards import (TrainingStopped, check_device, check_engine_arguments, check_evaluation_settings,
@@ -35,11 +35,12 @@ from .guards import (TrainingStopped, check_device, check_engine_arguments, chec
 from .loss import TrainingLoss
 from .masks import IGNORE_INDEX
 from .models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
-from .noise import NoiseConfig, add_noise
+from .noise import NoiseConfig
 from .optim import build_optimizer, build_scheduler, describe_groups, optimizer_name, param_groups
 from .outputs import RunLock, claim_for_fresh_run
 from .precision import Precision
 from .recorder import Recorder
+from .stream import Stream, is_stream
 from .runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
                        finish, subset)
 
@@ -76,6 +77,7 @@ class Engine:
         self.optimizer = self.scheduler = None
         # steps taken; non-finite steps skipped in a row; padding share of the epoch's batches (finetune.batching)
         self.global_step, self.nonfinite_in_a_row, self.padding = 0, 0, None
+        self.stream_position = None  # a streamed run: where a resume after the last window picks up
         self._checked_gradients = False
 
     # ------------------------------------------------------------------------------------------
@@ -90,10 +92,14 @@ class Engine:
         cfg, world = self.config, self.dist.world_size
         set_seed(cfg.seed)
         resume_path = find_checkpoint(os.path.join(cfg.output_dir, "checkpoints"), resume) if resume else None
-        _, examples = self._tokenized(train, "train")
+        if cfg.streaming or is_stream(train):  # tokenised as it is read (finetune.stream)
+            examples = sampler = Stream(train, self.tokenizer, cfg, self.tokens.decoder_start, self.dist.rank, world)
+            self.recorder.log(f"train: {sampler.description}")
+        else:
+            _, examples = self._tokenized(train, "train")
+            sampler = training_sampler(cfg, examples, world)
         eval_full = self._tokenized(eval, "eval") if eval is not None else None
         eval_set = subset(eval_full, cfg.eval_max_samples, cfg.seed)
-        sampler = training_sampler(cfg, examples, world)
         steps_per_epoch, total_steps, epochs = schedule_of(cfg, sampler)
         check_evaluation_settings(cfg, eval is not None, total_steps, sharded=cfg.fsdp and self.dist.enabled)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
@@ -109,8 +115,7 @@ class Engine:
                           f"batch {f'of {cfg.max_tokens} tokens' if cfg.max_tokens else cfg.batch_size} x "
                           f"accumulation {cfg.grad_accum} x {world} process(es), "
                           f"{self.precision}, {self.loss.reason}, device {self.device}")
-        data_hash = data_fingerprint(examples)
-        eval_hash = data_fingerprint(eval_full[1]) if eval_full is not None else None
+        data_hash, eval_hash = examples.fingerprint, eval_full[1].fingerprint if eval_full is not None else None
         best = Best(cfg.best_metric, cfg.early_stopping_patience, cfg.early_stopping_threshold)
         checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self.recorder.log, best, eval_hash)
         self.global_step, self.nonfinite_in_a_row, start = 0, 0, (0, 0)
@@ -120,6 +125,8 @@ class Engine:
                                     fsdp=self.sharded, eval_hash=eval_hash)
             self.global_step, start = state["step"], (state["epoch"], state["window"])
             self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+            if isinstance(sampler, Stream):
+                sampler.resume_at = state["stream"][self.dist.rank]
             self._checked_gradients = True
             best.load(state.get("best"), checkpointer.directory, resume_path)
             checkpointer.last, checkpointer.last_step = resume_path, self.global_step
@@ -158,18 +165,9 @@ class Engine:
 
     def windows(self, run: TrainingRun, epoch: int):
         """(index, window) of one epoch: `grad_accum` collated micro-batches each (this rank's share of every
-        global batch), from where a resume picks up, until the run's last step."""
-        cfg, world, rank = self.config, self.dist.world_size, self.dist.rank
-        batches = run.sampler.batches(epoch)
-        self.padding = padding_fraction(batches, run.examples, world)  # the train records of this epoch carry it
-        self.recorder.log(f"epoch {epoch}: {len(batches)} batches, padding {self.padding:.1%} of the padded tokens")
-        for index, start in enumerate(range(0, len(batches), cfg.grad_accum)):
-            if (epoch, index) < run.start:
-                continue  # consumed before the checkpoint we resumed from
-            if self.global_step >= run.total_steps:
-                return
-            yield index, [self.collate([self._noised(run.examples[i], epoch, i) for i in b[rank::world]])
-                          for b in batches[start:start + cfg.grad_accum]]
+        global batch), from where a resume picks up, until the run's last step (finetune.feed: collated off the
+        training thread)."""
+        return feed.windows(self, run, epoch)
 
     # ------------------------------------------------------------------------------------------
     # the training step
@@ -332,17 +330,8 @@ class Engine:
         return save_model_folder(self.model, self.tokenizer, path, state_dict, self.recorder.log)
 
     def _tokenized(self, data, name: str) -> Tokenized:
-        cfg = self.config
+        """Read and tokenise once (finetune.corpus: in worker processes and cached on disk, for files)."""
         what = {"train": "training data", "eval": "evaluation data"}.get(name, name)
-        pairs = read_pairs(data, cfg.source_field, cfg.target_field, what)
-        examples, report = tokenize_pairs(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
-                                          self.tokens.decoder_start)
-        self.recorder.log(f"{name}: {report}")
+        pairs, examples = corpus.load(data, self.tokenizer, self.config, self.tokens.decoder_start, what, self.dist)
+        self.recorder.log(f"{name}: {examples.report} ({examples.origin})")
         return Tokenized(pairs, examples)
-
-    def _noised(self, example: Example, epoch: int, index: int) -> Example:
-        """The training source corrupted by `self.noise`, seeded by (seed, epoch, index): resumable."""
-        if self.noise is None or not self.noise.active:
-            return example
-        source = add_noise(example.input_ids, self.noise, self.tokenizer, seed=[self.config.seed, epoch, index])
-        return Example(source, example.labels)

@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import distributed
-from .batching import LengthGroupedBatches
+from .batching import LengthGroupedBatches, lengths_of
 from .generation import generate_kwargs
 from .masks import IGNORE_INDEX
 from .metrics import GenerationMetrics
@@ -31,7 +31,7 @@ def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | N
     check_generation(model, num_beams, max_new_tokens)
     was_training = model.training
     model.eval()
-    sampler = LengthGroupedBatches([len(e.input_ids) for e in examples], cfg.eval_batch_size or cfg.batch_size,
+    sampler = LengthGroupedBatches(lengths_of(examples)[0], cfg.eval_batch_size or cfg.batch_size,
                                    shuffle=False)
     batches, dist = sampler.batches(0), engine.dist
     split = dist.enabled and not engine.sharded  # FSDP: every rank runs every forward (its shards gather)

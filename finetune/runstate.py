@@ -133,6 +133,7 @@ class Checkpointer:
         """A checkpoint of the state after the current step; (epoch, window) is where a resume picks up."""
         engine, dist = self.engine, self.engine.dist
         rng = distributed.gather_objects(rng_state(), dist)  # every rank's generators
+        stream = distributed.gather_objects(engine.stream_position, dist)  # a stream: every rank's position
         # FSDP: gather the full model and optimizer state to rank 0 (collectives: every rank takes part)
         model_state = distributed.full_state_dict(engine.model) if engine.sharded else None
         optimizer_state = distributed.full_optimizer_state(engine.model, self.optimizer) if engine.sharded else None
@@ -142,6 +143,8 @@ class Checkpointer:
                         "data_fingerprint": self.data_hash, "eval_fingerprint": self.eval_hash,
                         "best": self.best.state(),
                         "nonfinite_in_a_row": engine.nonfinite_in_a_row, "world_size": dist.world_size}
+            if stream[0] is not None:
+                progress["stream"] = stream
             path = save_checkpoint(self.directory, engine.model, self.optimizer, self.scheduler,
                                    engine.precision.scaler, progress, engine.config.to_dict(), engine.config.keep_last,
                                    rng_states=rng, model_state=model_state, optimizer_state=optimizer_state,

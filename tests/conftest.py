@@ -33,3 +33,9 @@ def auto_precision_is_fp32(request, monkeypatch):
     import finetune.precision
 
     monkeypatch.setattr(finetune.precision, "choose", lambda device: ("fp32", "tests pin auto to fp32"))
+
+
+@pytest.fixture(autouse=True)
+def data_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Tokenised-data caches (finetune.corpus) of a test run go to one temporary folder, never ~/.cache."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "finetune-cache"))

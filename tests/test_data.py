@@ -41,7 +41,8 @@ def test_jsonl_field_names(tmp_path):
     ("bad.csv", "a,b\nc,d\n\ne,\n", r"bad\.csv:4: empty target"),
     ("bad.csv", 'a,b\n"multi\nline",x\ny,z,w\n', r"bad\.csv:4: expected 2 columns"),
     ("empty.jsonl", "\n\n", r"empty\.jsonl: no pairs"),
-    ("data.parquet", "x", r"unknown data format '\.parquet'"),
+    ("data.xlsx", "x", r"unknown data format '\.xlsx'"),
+    ("data.parquet", "x", r"data\.parquet: not a readable Parquet file"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, name, text, message):
     with pytest.raises(DataError, match=message):

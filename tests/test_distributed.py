@@ -66,12 +66,14 @@ def worker(rank, world, port, method, out, kw, resume):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     model, tok = make(method, kw.pop("dropout", 0.0))
+    train_file = kw.pop("train_file", None)
     engine = Engine(model, tok, config(out, 4, **kw))
     shapes, collate = [], engine.collate  # each micro-batch this rank trains on: (examples, padded tokens)
-    engine.collate = lambda ex: shapes.append((len(ex), collate(ex))) or shapes[-1][1]
-    engine.fit(DATA if not kw.get("max_tokens") else VARIED, resume=resume)
+    engine.collate = lambda ex: shapes.append((ex, collate(ex))) or shapes[-1][1]
+    engine.fit(train_file or (DATA if not kw.get("max_tokens") else VARIED), resume=resume)
     with open(os.path.join(out, f"shapes-rank{rank}.json"), "w") as f:
-        json.dump([(n, b["input_ids"].numel() + b["labels"].numel()) for n, b in shapes], f)
+        json.dump([(len(ex), b["input_ids"].numel() + b["labels"].numel(), [e.input_ids for e in ex])
+                   for ex, b in shapes], f)
     if rank == 0 and not kw.get("fsdp"):
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, "final.pt"))
     torch.distributed.barrier()
@@ -151,9 +153,9 @@ def test_token_budget_batches_shard_evenly_over_two_ranks(tmp_path):
     launch(tmp_path, "full", max_tokens=96, max_source_length=48, max_target_length=24, grad_accum=1)
     ranks = [json.load(open(tmp_path / f"shapes-rank{r}.json")) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) > 0
-    assert all(0 < n and tokens <= 96 for rank in ranks for n, tokens in rank)
-    assert sum(n for rank in ranks for n, _ in rank) == 2 * len(VARIED)  # two epochs
-    assert len({n for n, _ in ranks[0]}) > 1
+    assert all(0 < n and tokens <= 96 for rank in ranks for n, tokens, _ in rank)
+    assert sum(n for rank in ranks for n, _, _ in rank) == 2 * len(VARIED)  # two epochs
+    assert len({n for n, _, _ in ranks[0]}) > 1
 
 
 def eval_worker(rank, world, port, out):
@@ -210,6 +212,27 @@ def test_checkpoint_from_two_ranks_resumes_on_two_exactly(tmp_path):
     model, tok = make("full", 0.1)
     with pytest.raises(CheckpointError, match="written by 2 process"):
         Engine(model, tok, config(run, 4, save_every=1, keep_last=10)).fit(DATA, resume="latest")
+
+
+def test_a_stream_is_sharded_over_two_ranks_and_resumes_on_two_exactly(tmp_path):
+    """streaming=True under torchrun: rank r tokenises and trains on rows r, r+2, ... of the file (together: every
+    row once a pass, never one row on both); a 2-rank checkpoint resumes both ranks' streams bit-exactly."""
+    rows = [(f"{s} {i}", f"{t} {i}") for i in range(10) for s, t in SPELLING]  # 60 rows: 30 a rank, one pass
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in rows))
+    kw = dict(train_file=str(path), streaming=True, max_steps=4, stream_buffer=16, save_every=1, keep_last=10,
+              grad_accum=1, dropout=0.1)
+    reference = launch(tmp_path / "a", "full", **kw)
+    _, tok = make("full")
+    for r in (0, 1):
+        seen = [tuple(ids) for _, _, batch in json.load(open(tmp_path / "a" / f"shapes-rank{r}.json")) for ids in batch]
+        assert len(seen) == 4 * 4 and len(set(seen)) == len(seen)  # 4 steps of 4 examples a rank, none twice
+        mine = {tuple(tok(s)["input_ids"]) for s, _ in rows[r::2]}
+        assert set(seen) <= mine, r  # only this rank's shard
+    run = finished_copy(tmp_path / "a", tmp_path / "b")
+    resumed = launch(run, "full", resume=str(run / "checkpoints" / "step-00000002"), **kw)
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
 
 
 def test_fsdp2_two_ranks_equal_one_process(tmp_path):

@@ -1,0 +1,248 @@
+"""Data at any size (finetune.sources, finetune.corpus, finetune.stream): every source format, bad rows named by
+file and line in each, the tokenised cache (hit, invalidation), the old and new paths bit-identical, streams
+resumed bit-exactly and sharded over ranks."""
+import csv
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import SPELLING
+from finetune import Engine, TrainConfig
+from finetune.corpus import load
+from finetune.data import DataError, read_pairs
+from finetune.feed import prefetched
+from finetune.models import char_tokenizer, tiny_bart
+
+pa = pytest.importorskip("pyarrow")
+PAIRS = [(f"{s} {i}", f"{t} {i}") for i in range(40) for s, t in SPELLING]  # 240 pairs
+
+
+def write_jsonl(path, pairs, fields=("source", "target")):
+    with open(path, "w", encoding="utf-8") as f:
+        for s, t in pairs:
+            f.write(json.dumps({fields[0]: s, fields[1]: t}) + "\n")
+    return str(path)
+
+
+def write_parquet(path, pairs, fields=("source", "target")):
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({fields[0]: [s for s, _ in pairs], fields[1]: [t for _, t in pairs]}), path,
+                   row_group_size=50)
+    return str(path)
+
+
+def write_every_format(folder, pairs):
+    folder.mkdir(exist_ok=True)
+    paths = {"jsonl": write_jsonl(folder / "a.jsonl", pairs), "parquet": write_parquet(folder / "a.parquet", pairs)}
+    with open(folder / "a.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("source", "target"), *pairs])
+    with open(folder / "a.tsv", "w", encoding="utf-8") as f:
+        f.write("".join(f"{s}\t{t}\n" for s, t in pairs))
+    with open(folder / "a.json", "w", encoding="utf-8") as f:
+        json.dump([{"source": s, "target": t} for s, t in pairs], f)
+    paths.update(csv=str(folder / "a.csv"), tsv=str(folder / "a.tsv"), json=str(folder / "a.json"))
+    shards = folder / "shards"
+    shards.mkdir()
+    for k in range(3):
+        write_jsonl(shards / f"part-{k:03d}.jsonl", pairs[k * 80:(k + 1) * 80])
+    paths["shards"] = str(shards)
+    return paths
+
+
+def config(tmp_path, **kw):
+    base = dict(max_source_length=16, max_target_length=16, num_proc=2, cache_dir=str(tmp_path / "cache"))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_every_format_gives_the_same_pairs_and_ids(tmp_path):
+    tok = char_tokenizer("bart")
+    paths = write_every_format(tmp_path / "data", PAIRS)
+    _, reference = load(PAIRS, tok, config(tmp_path), 2)  # a Python list: tokenised in memory
+    assert reference.origin == "tokenised in memory"
+    for kind, path in paths.items():
+        pairs, examples = load(path, tok, config(tmp_path), 2, kind)
+        assert list(pairs) == PAIRS, kind
+        assert [examples[i] for i in range(len(examples))] == [reference[i] for i in range(len(reference))], kind
+        assert examples.fingerprint == reference.fingerprint, kind
+        assert examples.source_lengths.dtype.name == "int32"
+        assert read_pairs(path) == PAIRS, kind  # the in-memory reader, same rows
+
+
+def test_saved_datasets_and_dataset_objects(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    tok = char_tokenizer("bart")
+    ds = datasets.Dataset.from_dict({"source": [s for s, _ in PAIRS], "target": [t for _, t in PAIRS]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    _, reference = load(PAIRS, tok, config(tmp_path), 2)
+    for data in (ds, f"hf:{tmp_path / 'saved'}", str(tmp_path / "saved"), f"hf:{tmp_path / 'dict' / 'train'}"):
+        pairs, examples = load(data, tok, config(tmp_path), 2)
+        assert list(pairs) == PAIRS and examples.fingerprint == reference.fingerprint, data
+    with pytest.raises(DataError, match=r"holds a DatasetDict with splits \['train'\]; name one: hf:.*dict/train"):
+        load(f"hf:{tmp_path / 'dict'}", tok, config(tmp_path), 2)
+    cached = load(str(tmp_path / "saved"), tok, config(tmp_path), 2)[1]
+    assert cached.dataset()[3]["input_ids"] == reference[3].input_ids  # the cache is a datasets Arrow file
+
+
+BAD = [  # (file name, text, message): one bad row after good ones, in every format
+    ("bad.jsonl", '{"source": "a", "target": "b"}\n{"source": "a", \n', r"bad\.jsonl:2: invalid JSON"),
+    ("bad.jsonl", '{"source": "a", "target": "b"}\n\n{"source": "a"}\n', r"bad\.jsonl:3: missing field\(s\) \['target'\]"),
+    ("bad.tsv", "a\tb\nc\td\te\n", r"bad\.tsv:2: expected 2 columns \(source, target\), got 3"),
+    ("bad.csv", 'a,b\n"multi\nline",x\ny,\n', r"bad\.csv:4: empty target"),
+    ("bad.csv", 'a,b\nc,"never closed\nd,e\n', r"bad\.csv:2: a quote \(\"\) opened on this line is never closed"),
+    ("bad.json", '[{"source": "a", "target": "b"}, {"source": 1, "target": "b"}]', r"bad\.json: item \[1\]: source "
+     "must be a string"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", BAD)
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_bad_rows_are_named_by_file_and_line(tmp_path, name, text, message, num_proc):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load(str(path), char_tokenizer("bart"), config(tmp_path, num_proc=num_proc), 2)
+    assert not os.listdir(tmp_path / "cache")  # nothing half-written is left to be taken for a cache
+
+
+def test_bad_row_deep_in_a_large_file_and_other_bad_inputs(tmp_path):
+    tok = char_tokenizer("bart")
+    path = tmp_path / "big.jsonl"
+    write_jsonl(path, PAIRS * 50)  # 12,000 rows: several chunks in flight
+    with open(path, "ab") as f:
+        f.write(b'{"source": "caf\xe9", "target": "x"}\n')
+    with pytest.raises(DataError, match=r"big\.jsonl:12001: not UTF-8 text \(byte 0xe9 at column 16"):
+        load(str(path), tok, config(tmp_path), 2)
+    table = tmp_path / "t.parquet"
+    write_parquet(table, PAIRS[:10] + [("x", " ")] + PAIRS[:10])
+    with pytest.raises(DataError, match=r"t\.parquet: row 11: empty target"):
+        load(str(table), tok, config(tmp_path), 2)
+    write_parquet(tmp_path / "f.parquet", PAIRS[:3], fields=("typo", "fix"))
+    with pytest.raises(DataError, match=r"f\.parquet: missing column\(s\) \['source', 'target'\] \(have \['typo', "
+                                         r"'fix'\]\)"):
+        load(str(tmp_path / "f.parquet"), tok, config(tmp_path), 2)
+    (tmp_path / "mixed").mkdir()
+    write_jsonl(tmp_path / "mixed" / "a.jsonl", PAIRS[:3])
+    write_parquet(tmp_path / "mixed" / "b.parquet", PAIRS[:3])
+    with pytest.raises(DataError, match=r"mixed: holds shards of several formats \['\.jsonl', '\.parquet'\]"):
+        load(str(tmp_path / "mixed"), tok, config(tmp_path), 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: is a folder with no data files"):
+        load(str(tmp_path / "empty"), tok, config(tmp_path), 2)
+    with pytest.raises(DataError, match=r"hf:.*nothing: no such|nothing: not a folder written by datasets"):
+        load(f"hf:{tmp_path / 'nothing'}", tok, config(tmp_path), 2)
+
+
+def test_the_cache_is_hit_and_invalidated(tmp_path):
+    tok = char_tokenizer("bart")
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    first = load(path, tok, config(tmp_path), 2)[1]
+    assert "tokenised in 2 process(es)" in first.origin and "cached in" in first.origin
+    again = load(path, tok, config(tmp_path), 2)[1]
+    assert again.origin.startswith("cache hit") and "not tokenised again" in again.origin
+    assert again.fingerprint == first.fingerprint
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    changes = {"another tokenizer": (path, char_tokenizer("t5"), config(tmp_path), 0),
+               "other lengths": (path, tok, config(tmp_path, max_source_length=8), 2),
+               "other fields": (path, tok, config(tmp_path, source_field="target", target_field="source"), 2),
+               "another decoder start": (path, tok, config(tmp_path), 1)}
+    for what, args in changes.items():
+        assert not load(*args)[1].origin.startswith("cache hit"), what
+    write_jsonl(path, PAIRS[:-1] + [("teh end", "the end")])  # the file changed (size and modification time)
+    changed = load(path, tok, config(tmp_path), 2)[1]
+    assert not changed.origin.startswith("cache hit") and changed.pair(len(changed) - 1) == ("teh end", "the end")
+    off = load(path, tok, config(tmp_path, cache_data=False), 2)[1]
+    assert off.origin == "tokenised in memory" and off.fingerprint == changed.fingerprint
+
+
+def test_prefetch_keeps_order_and_raises_where_the_producer_failed():
+    assert list(prefetched(iter(range(100)), 3)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise DataError("x.jsonl:7: bad")
+
+    got = []
+    with pytest.raises(DataError, match="x.jsonl:7"):
+        for item in prefetched(failing(), 2):
+            got.append(item)
+    assert got == [1]
+    stream = prefetched(iter(range(10**6)), 2)
+    assert next(stream) == 0
+    stream.close()  # stops the producer thread
+
+
+def train_cfg(out, **kw):
+    base = dict(lr=3e-3, batch_size=8, epochs=2, log_every=1, progress=False, save_model=False, output_dir=str(out),
+                max_source_length=24, max_target_length=24, num_proc=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(out):
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_old_and_new_data_paths_train_bit_identically(tmp_path, prefetch, capsys):
+    """A Python list (tokenised in memory, collated on the training thread: the old path) and the same pairs
+    from a file (tokenised in workers, cached, collated ahead): the same losses and weights, bit for bit."""
+    path = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    runs = {}
+    for name, data, kw in (("old", PAIRS, dict(prefetch=0)), ("new", path, dict(prefetch=prefetch)),
+                           ("hit", path, dict(prefetch=prefetch, progress=True))):
+        torch.manual_seed(0)
+        model, tok = tiny_bart(d_model=32, layers=1)
+        Engine(model, tok, train_cfg(tmp_path / name, **kw)).fit(data, eval=PAIRS[:12])
+        runs[name] = (losses(tmp_path / name), {k: v.clone() for k, v in model.state_dict().items()})
+    assert len(runs["old"][0]) == 60
+    for name in ("new", "hit"):
+        assert runs[name][0] == runs["old"][0], name
+        assert all(torch.equal(runs[name][1][k], v) for k, v in runs["old"][1].items()), name
+    assert "train: 240 examples; truncated: 0 sources, 0 targets (cache hit" in capsys.readouterr().out
+
+
+def stream_cfg(out, **kw):
+    return train_cfg(out, streaming=True, max_steps=40, stream_buffer=50, save_every=4, keep_last=10, **kw)
+
+
+@pytest.mark.parametrize("budget", [None, 160])
+def test_a_stream_killed_and_resumed_is_bit_exact(tmp_path, budget, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", PAIRS)  # 240 rows: 5 buffers of 50 a pass, 40 steps: 2 passes
+    extra = dict(max_tokens=budget) if budget else {}
+    torch.manual_seed(0)
+    model, tok = tiny_bart(d_model=32, layers=1)
+    Engine(model, tok, stream_cfg(tmp_path / "a", progress=True, **extra)).fit(path)
+    reference = losses(tmp_path / "a")
+    assert len(reference) == 40
+    log = capsys.readouterr().out
+    assert "streamed" in log and "stream pass 1 buffer 0" in log
+
+    def stop_at_6(engine, stats):
+        if engine.global_step == 6:  # mid-buffer, not at a save_every step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    torch.manual_seed(0)
+    model, tok = tiny_bart(d_model=32, layers=1)
+    with pytest.raises(SystemExit):
+        Engine(model, tok, stream_cfg(tmp_path / "b", **extra)).fit(path, on_step=stop_at_6)
+    state = json.load(open(tmp_path / "b" / "checkpoints" / "step-00000006" / "state.json"))
+    assert set(state["stream"][0]) == {"pass", "buffer", "batch", "padding"}
+    torch.manual_seed(1)  # a new process: other weights, which the checkpoint replaces
+    model, tok = tiny_bart(d_model=32, layers=1)
+    Engine(model, tok, stream_cfg(tmp_path / "b", **extra)).fit(path, resume="latest")
+    assert losses(tmp_path / "b") == reference  # bit for bit, before and after the interruption
+
+
+def test_a_stream_needs_declared_steps(tmp_path):
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(streaming=True)
+    model, tok = tiny_bart(d_model=32, layers=1)
+    datasets = pytest.importorskip("datasets")
+    stream = datasets.Dataset.from_dict({"source": ["a"], "target": ["b"]}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="max_steps"):
+        Engine(model, tok, train_cfg(tmp_path)).fit(stream)
