@@ -108,8 +108,9 @@ def _check(engine, train, new_parameters, steps: int, eval, scratch: str) -> Che
                f"{tok.convert_ids_to_tokens(tokens.decoder_start)!r}, eos {tokens.eos} "
                f"{tok.convert_ids_to_tokens(tokens.eos)!r}: config, generation config and tokenizer agree")
     cfg = engine.config
-    pairs = read_pairs(train, cfg.source_field, cfg.target_field, "training data")
-    examples, counts = tokenize_pairs(pairs, tok, cfg.max_source_length, cfg.max_target_length, tokens.decoder_start)
+    pairs, examples, counts = _training_data(report, engine, train)
+    if examples is None:
+        return report
     _check_evaluation(report, engine, eval, examples)
     size = min(len(examples), max(2, min(cfg.batch_size, 8)))
     batch = engine.collate(examples[:size])
@@ -123,6 +124,30 @@ def _check(engine, train, new_parameters, steps: int, eval, scratch: str) -> Che
         return report
     _check_training(report, engine, batch, pairs[:size], steps, scratch)
     return report
+
+
+def _training_data(report, engine, train):
+    """(pairs, examples, truncation counts) as the run will read them (finetune.corpus: the cache it uses), or of
+    a stream's first buffer; the "data" row says which source and which cache."""
+    from . import corpus
+    from .data import DataError
+    from .stream import Stream, is_stream
+
+    cfg, tok, start = engine.config, engine.tokenizer, engine.tokens.decoder_start
+    try:
+        if cfg.streaming or is_stream(train):
+            stream = Stream(train, tok, cfg, start, engine.dist.rank, engine.dist.world_size)
+            pairs = [(s, t) for _, s, t in next(stream.buffers(0, 0))[2]]
+            examples, counts = tokenize_pairs(pairs, tok, cfg.max_source_length, cfg.max_target_length, start)
+            report.add("PASS", "data", f"{stream.description}; checked here: its first buffer of {len(pairs)} rows")
+            return pairs, examples, counts
+        pairs, examples = corpus.load(train, tok, cfg, start, "training data", engine.dist)
+    except (DataError, ValueError) as err:
+        report.add("FAIL", "data", str(err))
+        return None, None, None
+    what = train if isinstance(train, str) else f"a {type(train).__name__} of pairs"
+    report.add("PASS", "data", f"training data {what}: {examples.report} ({examples.origin})")
+    return pairs, examples, examples.report
 
 
 def _check_batch(report, engine, batch, pairs) -> None:

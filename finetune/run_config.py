@@ -6,7 +6,8 @@
               dropout = 0.0      (every dropout layer of the model; default: the checkpoint's)
     [method]  name = "full" | "frozen-encoder" | "bitfit" | "lora" | "int8-lora" | "dora" | "qlora", and its
               settings as finetune.methods declares them (lora_r, lora_alpha, ..., quant_type), freeze / unfreeze
-    [data]    train = "file.jsonl" | "codespell:train" | "code-summary:train", eval = ..., train_limit / eval_limit
+    [data]    train = "file.jsonl" | "shards/" | "hf:PATH" | "codespell:train" | "code-summary:train", eval = ...,
+              train_limit / eval_limit
     [train]   any TrainConfig field
     [noise]   any NoiseConfig field (optional)
 
@@ -182,8 +183,10 @@ def build_model(section: ModelSection):
 
 
 def load_data(spec: str | None, limit: int | None, seed: int, source_field: str, target_field: str):
-    """A [data] entry: a file path, `codespell:SPLIT` or `code-summary:SPLIT` (the real data built offline:
-    finetune.datasets); `limit` takes the first n (the real data: a seeded sample)."""
+    """A [data] entry: a file or folder path, "hf:PATH" (a datasets.save_to_disk folder), `codespell:SPLIT` or
+    `code-summary:SPLIT` (the real data built offline: finetune.datasets); `limit` takes the first n (the real data:
+    a seeded sample). A path without a limit is passed on as it is: the engine reads and caches it
+    (finetune.corpus)."""
     from .data import read_pairs
 
     if spec is None:
@@ -196,8 +199,12 @@ def load_data(spec: str | None, limit: int | None, seed: int, source_field: str,
         from .datasets import code_summary_pairs
 
         return code_summary_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
-    pairs = read_pairs(spec, source_field, target_field)
-    return pairs[:limit] if limit else pairs
+    if not limit:
+        from .sources import open_source
+
+        open_source(spec, "[data]")  # a missing file or unknown format fails here; the engine reads it (cached)
+        return spec
+    return read_pairs(spec, source_field, target_field)[:limit]
 
 
 @dataclass

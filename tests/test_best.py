@@ -168,8 +168,8 @@ def test_check_passes_on_a_correct_setup(tmp_path):
     model, tok = tiny_bart()
     report = check_setup(model, tok, check_cfg(tmp_path), SPELLING, steps=300)
     assert not report.failed, str(report)
-    assert [name for _, name, _ in report.rows] == ["special tokens", "batches", "evaluation", "first batch", "truncation",
-                                                    "parameter groups", "gradients", "overfit one batch",
+    assert [name for _, name, _ in report.rows] == ["special tokens", "data", "batches", "evaluation", "first batch",
+                                                    "truncation", "parameter groups", "gradients", "overfit one batch",
                                                     "outputs differ", "output folder"]
     before = {n: p.clone() for n, p in model.state_dict().items()}  # the check trained a copy
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
