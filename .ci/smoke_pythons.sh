@@ -61,7 +61,7 @@ precision = "fp32"
 output_dir = "$run/out"
 progress = false
 EOF
-    (cd "$run" && "$venv/bin/finetune" check run.toml --steps 100)
+    (cd "$run" && FINETUNE_CACHE="$run/cache" "$venv/bin/finetune" check run.toml --steps 100)
     rm -rf "$run"
     "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_masks.py tests/test_data.py tests/test_loss.py \
         tests/test_wrong_inputs.py

@@ -38,6 +38,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 # Config fields that must match for an exact resume (the rest, e.g. output_dir or log_every, may change).
+ADDED_LATER = {"streaming": False, "stream_buffer": 10_000}  # config keys newer than some checkpoints: their defaults
 RESUME_MUST_MATCH = ("optimizer", "seed", "batch_size", "max_tokens", "grad_accum", "group_by_length", "streaming",
                      "stream_buffer",
                      "max_source_length",
@@ -262,8 +263,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
         ours, theirs = set(_trainable(model)), set(state["trainable"])
         problems.append(f"the trainable parameters differ ({len(ours - theirs)} trainable now but not then, "
                         f"{len(theirs - ours)} then but not now, e.g. {sorted(ours ^ theirs)[:2]})")
-    for key in RESUME_MUST_MATCH:
-        saved, now = state["config"].get(key), config.get(key)
+    for key in RESUME_MUST_MATCH:  # a key newer than the checkpoint had its default then
+        saved, now = state["config"].get(key, ADDED_LATER.get(key)), config.get(key)
         if _normalise(saved) != _normalise(now):
             problems.append(f"config.{key} was {saved!r}, is now {now!r}")
     if state["data_fingerprint"] != data_hash:

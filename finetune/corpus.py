@@ -269,10 +269,11 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}"}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(folder):  # another process finished the same key first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
             os.replace(tmp, folder)
+        except OSError:
+            if not os.path.exists(os.path.join(folder, "meta.json")):  # not another process's finished copy
+                raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -306,13 +307,13 @@ def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=N
             os.makedirs(os.path.dirname(folder), exist_ok=True)
             build(source, folder, tokenizer, fields, lengths, decoder_start, config.num_proc or default_num_proc())
             built = True
-        except DataError as err:
+        except Exception as err:  # under torchrun the other ranks must hear of it too, not wait for ever
             failure = err
     if dist is not None and dist.enabled:  # the other ranks wait for rank 0's cache, and share its verdict
         from . import distributed
 
         message = distributed.gather_objects(str(failure) if failure else None, dist)[0]
-        failure = failure or (DataError(message) if message else None)
+        failure = failure or (DataError(f"rank 0 could not read the data: {message}") if message else None)
     if failure is not None:
         raise failure
     examples = open_cached(folder)

@@ -214,7 +214,8 @@ class Engine:
     # fit: prepare, then the loop
 
     def fit(self, train, eval=None, resume: str | bool | None = None, on_step=None, on_evaluate=None) -> dict:
-        """Train on `train` (a .jsonl/.tsv/.csv path or a list of (source, target)); evaluate on `eval`.
+        """Train on `train` (a .jsonl/.json/.tsv/.csv/.parquet file, a folder of them, "hf:PATH", a datasets.Dataset
+        or IterableDataset, or a list of (source, target): finetune.corpus, finetune.stream); evaluate on `eval`.
 
         `resume="latest"` (or True, or a checkpoint folder) continues exactly where a run stopped. SIGTERM /
         SIGINT finish the current step, write a checkpoint and exit with status 128 + signal number.

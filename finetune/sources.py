@@ -105,14 +105,16 @@ def _saved_dataset(path: str, name: str) -> Source:
                         "pip install 'finetune[data]'") from None
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
         splits = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
-        raise DataError(f"{path}: holds a DatasetDict with splits {splits}; name one: hf:{os.path.join(path, splits[0])}"
-                        if splits else f"{path}: holds an empty DatasetDict")
+        first = os.path.join(path, splits[0]) if splits else ""
+        raise DataError(f"{path}: holds a DatasetDict with splits {splits}; name one: hf:{first}" if splits else
+                        f"{path}: holds an empty DatasetDict")
     if not os.path.exists(os.path.join(path, "state.json")):
         raise DataError(f"hf:{path}: not a folder written by datasets' save_to_disk (no state.json)")
     try:
         dataset = datasets.load_from_disk(path)
     except Exception as err:  # a damaged folder: say which and why
-        raise DataError(f"hf:{path}: cannot be loaded by datasets.load_from_disk ({type(err).__name__}: {err})") from None
+        raise DataError(f"hf:{path}: cannot be loaded by datasets.load_from_disk ({type(err).__name__}: "
+                        f"{err})") from None
     return Source(f"hf:{path} ({len(dataset)} rows)", [dataset._fingerprint], dataset=dataset)
 
 

@@ -1,6 +1,7 @@
 """Data at any size (finetune.sources, finetune.corpus, finetune.stream): every source format, bad rows named by
 file and line in each, the tokenised cache (hit, invalidation), the old and new paths bit-identical, streams
 resumed bit-exactly and sharded over ranks."""
+import contextlib
 import csv
 import json
 import os
@@ -90,7 +91,8 @@ def test_saved_datasets_and_dataset_objects(tmp_path):
 
 BAD = [  # (file name, text, message): one bad row after good ones, in every format
     ("bad.jsonl", '{"source": "a", "target": "b"}\n{"source": "a", \n', r"bad\.jsonl:2: invalid JSON"),
-    ("bad.jsonl", '{"source": "a", "target": "b"}\n\n{"source": "a"}\n', r"bad\.jsonl:3: missing field\(s\) \['target'\]"),
+    ("bad.jsonl", '{"source": "a", "target": "b"}\n\n{"source": "a"}\n',
+     r"bad\.jsonl:3: missing field\(s\) \['target'\]"),
     ("bad.tsv", "a\tb\nc\td\te\n", r"bad\.tsv:2: expected 2 columns \(source, target\), got 3"),
     ("bad.csv", 'a,b\n"multi\nline",x\ny,\n', r"bad\.csv:4: empty target"),
     ("bad.csv", 'a,b\nc,"never closed\nd,e\n', r"bad\.csv:2: a quote \(\"\) opened on this line is never closed"),
@@ -274,3 +276,65 @@ def test_the_real_jobs_train_bit_identically_on_the_old_and_new_paths(tmp_path, 
         Engine(built.model, built.tokenizer, cfg).fit(data)
         runs[name] = losses(tmp_path / name)
     assert len(runs["old"]) == 4 and runs["new"] == runs["old"]
+
+
+def test_noise_and_resume_on_the_cached_path_match_the_list_path(tmp_path):
+    """BART noise (fresh each epoch) and an interrupted, resumed run on the file path: the list path's losses."""
+    from finetune import NoiseConfig
+
+    path = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    noise = NoiseConfig(mask_rate=0.3)
+
+    def run(out, data, **kw):
+        torch.manual_seed(0)
+        model, tok = tiny_bart(d_model=32, layers=1)
+        return Engine(model, tok, train_cfg(out, save_every=7, keep_last=10), noise=noise).fit(data, **kw)
+
+    run(tmp_path / "list", PAIRS)
+
+    def stop_at_40(engine, stats):
+        if engine.global_step == 40:  # in the second epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit):
+        run(tmp_path / "file", path, on_step=stop_at_40)
+    run(tmp_path / "file", path, resume="latest")
+    assert losses(tmp_path / "file") == losses(tmp_path / "list")
+
+
+def test_an_iterable_dataset_streams_like_the_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    stream = datasets.Dataset.from_dict({"source": [s for s, _ in PAIRS], "target": [t for _, t in PAIRS]})
+    for name, data in (("file", path), ("iterable", stream.to_iterable_dataset(num_shards=2))):
+        torch.manual_seed(0)
+        model, tok = tiny_bart(d_model=32, layers=1)
+        cfg = stream_cfg(tmp_path / name)
+        cfg.streaming = name == "file"  # an IterableDataset is a stream without being told
+        Engine(model, tok, cfg).fit(data)
+    assert losses(tmp_path / "iterable") == losses(tmp_path / "file")
+
+    def stop_at_6(engine, stats):
+        if engine.global_step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    for kw in (dict(on_step=stop_at_6), dict(resume="latest")):  # an IterableDataset resumes exactly too
+        torch.manual_seed(0)
+        model, tok = tiny_bart(d_model=32, layers=1)
+        with pytest.raises(SystemExit) if "on_step" in kw else contextlib.nullcontext():
+            Engine(model, tok, stream_cfg(tmp_path / "resumed")).fit(stream.to_iterable_dataset(num_shards=2), **kw)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "file")
+
+
+def test_run_files_pass_paths_on_and_take_hf_paths(tmp_path):
+    from finetune.run_config import load_data
+
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    assert load_data(path, None, 0, "source", "target") == path  # read (and cached) by the engine
+    assert load_data(path, 5, 0, "source", "target") == PAIRS[:5]
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        load_data(str(tmp_path / "nope.jsonl"), None, 0, "source", "target")
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"source": ["a"], "target": ["b"]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_data(f"hf:{tmp_path / 'saved'}", None, 0, "source", "target") == f"hf:{tmp_path / 'saved'}"
+    assert read_pairs(f"hf:{tmp_path / 'saved'}") == [("a", "b")]
