@@ -201,7 +201,8 @@ def markdown(results) -> str:
         for r in results["start"]:
             procs = r['num_proc'] if r['path'] == 'file' else 1
             lines.append(f"| {r['pairs']:,} | {r['path']} | {r['cache']} | {procs} | {r['prepare_s']} | {r['start_s']} "
-                         f"| {r['workers_cpu_s']} | {r['peak_prepared_mib']} | {r['peak_first_window_mib']} | {r['peak_rss_mib']} | {r['workers_peak_rss_mib']} |")
+                         f"| {r['workers_cpu_s']} | {r['peak_prepared_mib']} | {r['peak_first_window_mib']} "
+                         f"| {r['peak_rss_mib']} | {r['workers_peak_rss_mib']} |")
         lines.append("")
     if results["rate"]:
         lines += ["| job | path | prefetch | samples/s (median) | losses equal to the list path's |",
