@@ -3,7 +3,7 @@ process and in every core, from a cold and a warm cache, and the old path (a Pyt
 main job's and the code-summary job's training rate and losses on the old path and the new (file, cache,
 prefetch thread).
 
-    python benchmarks/bench_data.py                       # both parts: start-up (~15 min), rate (~10 min)
+    python benchmarks/bench_data.py                       # start-up (~15 min), rate (~10 min), collation
     python benchmarks/bench_data.py --part start --pairs 10000 100000
 
 The data: the codespell train pairs and the code-summary train pairs (finetune.datasets), alternated and repeated
@@ -123,9 +123,34 @@ def rate_worker(args) -> dict:
             "samples_per_s": round(sum(n for _, n in times[1:]) / span, 2)}
 
 
+def collate_times(jobs) -> dict:
+    """Milliseconds to collate one micro-batch of each job (the work the prefetch thread takes off the step)."""
+    import torch
+
+    from finetune import Engine, TrainConfig
+    from finetune.datasets import code_summary_pairs, codespell_pairs
+    from finetune.models import bert2bert_by_name
+
+    torch.manual_seed(0)
+    built, out = bert2bert_by_name("minilm"), {}
+    for job in jobs:
+        pairs = codespell_pairs("train", limit=4000) if job == "codespell" else code_summary_pairs("train")
+        shape = dict(batch_size=64, max_source_length=32, max_target_length=32) if job == "codespell" else \
+            dict(max_tokens=2048, max_source_length=128, max_target_length=48)
+        engine = Engine(built.model, built.tokenizer, TrainConfig(max_steps=1, progress=False, save_model=False,
+                        output_dir=tempfile.mkdtemp(prefix="bench-collate-"), **shape))
+        run = engine.prepare(pairs)
+        batches = run.sampler.batches(0)[:40]
+        started = time.perf_counter()
+        for b in batches:
+            engine.collate([run.examples[i] for i in b])
+        out[job] = round(1000 * (time.perf_counter() - started) / len(batches), 2)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", nargs="+", choices=("start", "rate"), default=["start", "rate"])
+    ap.add_argument("--part", nargs="+", choices=("start", "rate", "collate"), default=["start", "rate", "collate"])
     ap.add_argument("--pairs", nargs="+", type=int, default=[10_000, 1_000_000])
     ap.add_argument("--list-pairs", type=int, default=100_000, help="the old path (a Python list) at this size")
     ap.add_argument("--jobs", nargs="+", choices=("codespell", "code-summary"), default=["codespell", "code-summary"])
@@ -183,6 +208,9 @@ def main(argv=None) -> int:
                                      f"rate {job} {path} {prefetch}")
                     print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
                     results["rate"].append(row)
+    if "collate" in args.part:
+        results["collate_ms"] = collate_times(args.jobs)
+        print(json.dumps({"collate_ms_per_micro_batch": results["collate_ms"]}), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -215,6 +243,9 @@ def markdown(results) -> str:
             same = all(r["losses"] == reference for r in rows)
             lines.append(f"| {job} | {path} | {prefetch} | {statistics.median(r['samples_per_s'] for r in rows):.2f} "
                          f"| {'bit-identical' if same else 'DIFFERENT'} |")
+    if results.get("collate_ms"):
+        lines += ["", "Collating one micro-batch: " + ", ".join(f"{job} {ms} ms" for job, ms in
+                                                             results["collate_ms"].items())]
     return "\n".join(lines) + "\n"
 
 

@@ -48,3 +48,21 @@ def test_matmul_peak_prints_each_precision():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["gflops"]["fp32"] > 0
+
+
+def test_bench_data_smoke(tmp_path):
+    """The data benchmark on a 300-pair file: cold caches (1 process, every core), a warm one (a cache hit), the
+    list path."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_data.py"), "--part", "start", "--pairs", "300",
+           "--list-pairs", "300", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["start"]
+    from finetune.corpus import default_num_proc
+
+    cold = [("file", "cold", 1)] + ([("file", "cold", default_num_proc())] if default_num_proc() > 1 else [])
+    assert [(r["path"], r["cache"], r["num_proc"]) for r in rows[:-2]] == cold  # 1 process, then every core
+    assert [(r["path"], r["cache"]) for r in rows[-2:]] == [("file", "warm"), ("list", "none (list)")]
+    assert all(r["pairs"] == 300 and r["peak_first_window_mib"] > 100 for r in rows)
+    assert rows[-2]["origin"].startswith("cache hit")
+    assert "| 300 | file | warm |" in (tmp_path / "out" / "results.md").read_text()

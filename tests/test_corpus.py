@@ -85,6 +85,11 @@ def test_saved_datasets_and_dataset_objects(tmp_path):
         assert list(pairs) == PAIRS and examples.fingerprint == reference.fingerprint, data
     with pytest.raises(DataError, match=r"holds a DatasetDict with splits \['train'\]; name one: hf:.*dict/train"):
         load(f"hf:{tmp_path / 'dict'}", tok, config(tmp_path), 2)
+    bad = datasets.Dataset.from_dict({"source": ["a", "b", "c"], "target": ["x", "", "z"]})
+    with pytest.raises(DataError, match=r"dataset row \[1\]: empty target"):
+        load(bad, tok, config(tmp_path), 2)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['source'\] \(have \['text', 'target'\]\)"):
+        load(bad.rename_column("source", "text"), tok, config(tmp_path), 2)
     cached = load(str(tmp_path / "saved"), tok, config(tmp_path), 2)[1]
     assert cached.dataset()[3]["input_ids"] == reference[3].input_ids  # the cache is a datasets Arrow file
 
