@@ -152,7 +152,7 @@ def padding_fraction(batches: list[list[int]], examples, world: int = 1) -> floa
 
 
 def lengths_of(examples) -> tuple[list[int], list[int]]:
-    """(source lengths, target lengths) of finetune.corpus.Examples (its int32 columns) or a list of Example."""
+    """(source lengths, target lengths) of finetune.columns.Examples (its int32 columns) or a list of Example."""
     if hasattr(examples, "source_lengths"):
         return examples.source_lengths.tolist(), examples.target_lengths.tolist()
     return [len(e.input_ids) for e in examples], [len(e.labels) for e in examples]

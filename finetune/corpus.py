@@ -12,8 +12,7 @@
 - a Python list (or pyarrow missing, or `cache_data=False`): read and tokenised in this process
   (finetune.data), then packed into the same int32 columns.
 
-Either way, `Examples` is a sequence of `Example` (lists of ints, as the collator and the noise take them) over
-int32 arrays: 1M pairs of 100 tokens are 800 MB of ids, not the ~6 GB of two lists of Python ints.
+Either way the result is finetune.columns.Examples: int32 columns, a sequence of `Example`.
 """
 from __future__ import annotations
 
@@ -26,7 +25,8 @@ import time
 
 import numpy as np
 
-from .data import Example, TokenizeReport, tokenize_pairs
+from .columns import Block, Examples
+from .data import TokenizeReport, tokenize_pairs
 from .sources import DataError, open_source, parse_chunk
 
 FORMAT = 1  # of the cache folders; part of the key
@@ -38,107 +38,6 @@ def cache_root(cache_dir: str | None) -> str:
 
 def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-class Block:
-    """`n` examples as int32 ids with int64 offsets (row i: values[offsets[i]:offsets[i+1]]) and their texts."""
-
-    def __init__(self, src_values, src_offsets, tgt_values, tgt_offsets, sources, targets):
-        self.src_values, self.src_offsets = src_values, src_offsets
-        self.tgt_values, self.tgt_offsets = tgt_values, tgt_offsets
-        self.sources, self.targets = sources, targets  # lists of str, or pyarrow string arrays (memory-mapped)
-        self.n = len(src_offsets) - 1
-
-    @classmethod
-    def pack(cls, examples: list[Example], pairs) -> "Block":
-        def column(seqs):
-            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-            np.cumsum([len(s) for s in seqs], out=offsets[1:])
-            values = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
-            return values, offsets
-
-        return cls(*column([e.input_ids for e in examples]), *column([e.labels for e in examples]),
-                   [s for s, _ in pairs], [t for _, t in pairs])
-
-    def example(self, j: int) -> Example:
-        so, to = self.src_offsets, self.tgt_offsets
-        return Example(self.src_values[so[j]:so[j + 1]].tolist(), self.tgt_values[to[j]:to[j + 1]].tolist())
-
-    def pair(self, j: int) -> tuple[str, str]:
-        s, t = self.sources[j], self.targets[j]
-        return (s, t) if isinstance(s, str) else (s.as_py(), t.as_py())
-
-    def digests(self) -> bytes:
-        """16 bytes per example (its ids), in order: what `Examples.fingerprint` hashes."""
-        so, to = self.src_offsets, self.tgt_offsets
-        return b"".join(hashlib.blake2b(self.src_values[so[j]:so[j + 1]].tobytes() + b"|" +
-                                        self.tgt_values[to[j]:to[j + 1]].tobytes(), digest_size=16).digest()
-                        for j in range(self.n))
-
-
-class Examples(collections.abc.Sequence):
-    """The tokenised examples of one data set, in blocks of int32 columns; `examples[i]` is an `Example`."""
-
-    def __init__(self, blocks: list[Block], report: TokenizeReport, fingerprint: str | None = None,
-                 origin: str = "tokenised in memory", path: str | None = None):
-        self.blocks = [b for b in blocks if b.n]
-        self.starts = np.cumsum([0] + [b.n for b in self.blocks])
-        self.report, self.origin, self.path = report, origin, path  # path: the Arrow file, when cached
-        self.fingerprint = fingerprint or hashlib.sha256(b"".join(b.digests() for b in self.blocks)).hexdigest()
-        self.source_lengths = _lengths(self.blocks, "src_offsets")
-        self.target_lengths = _lengths(self.blocks, "tgt_offsets")
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _locate(self, i: int) -> tuple[Block, int]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"example {i} of {len(self)}")
-        i %= len(self)
-        k = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.blocks[k], i - int(self.starts[k])
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        block, j = self._locate(int(i))
-        return block.example(j)
-
-    def pair(self, i: int) -> tuple[str, str]:
-        block, j = self._locate(int(i))
-        return block.pair(j)
-
-    def pairs(self) -> "Pairs":
-        return Pairs(self)
-
-    def dataset(self):
-        """The cached Arrow file as a `datasets.Dataset` (memory-mapped), for inspection or reuse."""
-        if self.path is None:
-            raise ValueError("these examples were tokenised in memory: there is no Arrow file to open")
-        import datasets
-
-        return datasets.Dataset.from_file(self.path)
-
-
-class Pairs(collections.abc.Sequence):
-    """The (source, target) texts of `Examples`, read on demand."""
-
-    def __init__(self, examples: Examples):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.examples.pair(i)
-
-
-def _lengths(blocks, name) -> np.ndarray:
-    if not blocks:
-        return np.zeros(0, dtype=np.int32)
-    return np.concatenate([np.diff(getattr(b, name)).astype(np.int32) for b in blocks])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,12 +200,20 @@ def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=N
     key = cache_key(source, tokenizer, {"fields": fields, "lengths": lengths, "decoder_start": decoder_start})
     folder = os.path.join(cache_root(config.cache_dir), key)
     main = dist is None or dist.is_main
-    built, failure = False, None
+    built, failure, warning = False, None, ""
+    if main and os.path.exists(os.path.join(folder, "meta.json")):
+        warning = _damaged(folder)
+        if warning:  # e.g. a file cut short by a full disk: built again, never trusted
+            shutil.rmtree(folder, ignore_errors=True)
     if main and not os.path.exists(os.path.join(folder, "meta.json")):
         try:
             os.makedirs(os.path.dirname(folder), exist_ok=True)
             build(source, folder, tokenizer, fields, lengths, decoder_start, config.num_proc or default_num_proc())
             built = True
+        except OSError as err:  # the cache folder (a read error of the data is a DataError naming the file)
+            failure = DataError(f"TrainConfig.cache_dir: cannot write the tokenised data to {folder} "
+                                f"({err.strerror or err}); set cache_dir (or $FINETUNE_CACHE) to a writable folder "
+                                "with room, or cache_data=False")
         except Exception as err:  # under torchrun the other ranks must hear of it too, not wait for ever
             failure = err
     if dist is not None and dist.enabled:  # the other ranks wait for rank 0's cache, and share its verdict
@@ -317,9 +224,23 @@ def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=N
     if failure is not None:
         raise failure
     examples = open_cached(folder)
-    examples.origin = (f"{examples.origin}; cached in {folder}" if built else
-                       f"cache hit {folder} ({examples.origin}; not tokenised again)")
+    examples.origin = warning + (f"{examples.origin}; cached in {folder}" if built else
+                                 f"cache hit {folder} ({examples.origin}; not tokenised again)")
     return examples.pairs(), examples
+
+
+def _damaged(folder: str) -> str:
+    """Why a finished cache folder cannot be used ("" when it can): its Arrow file unreadable or short."""
+    try:
+        examples = open_cached(folder)
+        with open(os.path.join(folder, "meta.json")) as f:
+            expected = json.load(f)["report"]["examples"]
+        if len(examples) == expected:
+            return ""
+        reason = f"{len(examples)} examples where {expected} were written"
+    except Exception as err:  # pyarrow's error for a cut file, a missing file, bad JSON
+        reason = f"{type(err).__name__}: {err}"
+    return f"the cache {folder} was damaged ({reason}) and is tokenised again; "
 
 
 def _have_pyarrow() -> bool:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from .batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction
-from .corpus import Block
+from .columns import Block, Examples
 from .data import tokenize_pairs
 from .feed import noised
 from .sources import DataError, check_row, open_source, parse_chunk
@@ -38,6 +39,9 @@ class Stream:
                              "its steps from the data; declare how many optimizer steps to take")
         self.data, self.tokenizer, self.config, self.decoder_start = data, tokenizer, config, decoder_start
         self.rank, self.world, self.name = rank, world, name
+        if not (is_stream(data) or isinstance(data, (str, os.PathLike)) or hasattr(data, "column_names")):
+            raise ValueError(f"TrainConfig.streaming: streams read a file, a folder, hf:PATH, a datasets.Dataset or "
+                             f"IterableDataset; a {type(data).__name__} is in memory already: drop streaming=True")
         if is_stream(data):
             self.description = f"{name}: a datasets.IterableDataset ({data.n_shards} shard(s)), streamed"
             self.fields_checked = False
@@ -118,8 +122,6 @@ class Stream:
 
     def windows(self, engine, start_index: int, steps: int):
         """(index, window, position) for `steps` windows, from the resume position (if any)."""
-        from .corpus import Examples
-
         cfg = self.config
         at = self.resume_at or {"pass": 0, "buffer": 0, "batch": 0}
         index, pending, log = start_index, [], engine.recorder.log

@@ -343,3 +343,25 @@ def test_run_files_pass_paths_on_and_take_hf_paths(tmp_path):
     datasets.Dataset.from_dict({"source": ["a"], "target": ["b"]}).save_to_disk(str(tmp_path / "saved"))
     assert load_data(f"hf:{tmp_path / 'saved'}", None, 0, "source", "target") == f"hf:{tmp_path / 'saved'}"
     assert read_pairs(f"hf:{tmp_path / 'saved'}") == [("a", "b")]
+
+
+def test_a_damaged_cache_is_built_again_and_an_unwritable_one_is_named(tmp_path):
+    tok = char_tokenizer("bart")
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    first = load(path, tok, config(tmp_path), 2)[1]
+    arrow = first.path
+    with open(arrow, "r+b") as f:  # cut short, as a full disk or a killed copy leaves it
+        f.truncate(os.path.getsize(arrow) // 2)
+    again = load(path, tok, config(tmp_path), 2)[1]
+    assert again.origin.startswith("the cache") and "was damaged" in again.origin and "cached in" in again.origin
+    assert again.fingerprint == first.fingerprint and len(again) == len(PAIRS)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    with pytest.raises(DataError, match=r"TrainConfig.cache_dir: cannot write the tokenised data to .*not-a-folder"):
+        load(path, tok, config(tmp_path, cache_dir=str(blocked)), 2)
+
+
+def test_streaming_a_list_is_refused_naming_the_setting(tmp_path):
+    model, tok = tiny_bart(d_model=32, layers=1)
+    with pytest.raises(ValueError, match=r"TrainConfig.streaming: .* a list is in memory already"):
+        Engine(model, tok, stream_cfg(tmp_path)).fit(PAIRS)
