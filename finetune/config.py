@@ -125,6 +125,8 @@ class TrainConfig:
         need(self.stream_buffer >= 1, "stream_buffer", "must be >= 1")
         need(not self.streaming or self.max_steps is not None, "max_steps",
              "a streamed run (streaming=True) reads its data as it goes: declare its optimizer steps")
+        need(not self.streaming or self.epochs == 1, "epochs",
+             "a streamed run lasts max_steps, passing over the data as often as that takes: leave epochs at 1")
         need(self.num_proc is None or self.num_proc >= 1, "num_proc", "must be >= 1 or None (every core)")
         need(self.cache_dir is None or bool(self.cache_dir.strip()), "cache_dir", "must be a folder path or None")
         need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1 or None")

@@ -34,6 +34,9 @@ def read_pairs(data, source_field: str = "source", target_field: str = "target",
             raise DataError(f"{source.description}: no pairs in the file" if source.files else
                             f"{source.description}: no pairs")
         return pairs
+    if isinstance(data, dict) and data and all(is_dataset(v) or hasattr(v, "n_shards") for v in data.values()):
+        raise DataError(f"{name}: a DatasetDict of the splits {sorted(data)}: pass one split, e.g. "
+                        f"dataset[{sorted(data)[0]!r}]")
     if isinstance(data, (bytes, dict)) or not hasattr(data, "__iter__"):
         raise DataError(f"{name}: expected a file path, a list of (source, target) pairs or of mappings, or a "
                         f"datasets.Dataset; got {type(data).__name__}")

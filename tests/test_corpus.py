@@ -90,6 +90,8 @@ def test_saved_datasets_and_dataset_objects(tmp_path):
         load(bad, tok, config(tmp_path), 2)
     with pytest.raises(DataError, match=r"missing column\(s\) \['source'\] \(have \['text', 'target'\]\)"):
         load(bad.rename_column("source", "text"), tok, config(tmp_path), 2)
+    with pytest.raises(DataError, match=r"a DatasetDict of the splits \['train'\]: pass one split"):
+        load(datasets.DatasetDict({"train": ds}), tok, config(tmp_path), 2)
     cached = load(str(tmp_path / "saved"), tok, config(tmp_path), 2)[1]
     assert cached.dataset()[3]["input_ids"] == reference[3].input_ids  # the cache is a datasets Arrow file
 
@@ -248,6 +250,8 @@ def test_a_stream_killed_and_resumed_is_bit_exact(tmp_path, budget, capsys):
 def test_a_stream_needs_declared_steps(tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
         TrainConfig(streaming=True)
+    with pytest.raises(ValueError, match="TrainConfig.epochs=3: a streamed run lasts max_steps"):
+        TrainConfig(streaming=True, max_steps=5, epochs=3)
     model, tok = tiny_bart(d_model=32, layers=1)
     datasets = pytest.importorskip("datasets")
     stream = datasets.Dataset.from_dict({"source": ["a"], "target": ["b"]}).to_iterable_dataset()
