@@ -241,9 +241,9 @@ class Engine:
         cfg, history, saver = self.config, {"train": [], "eval": []}, run.checkpointer
         log = StepLog(self, run.total_steps)
         position, stop = run.start, False  # (epoch, windows of it consumed): where a resume would pick up
-        with StopOnSignal(self.dist) as signals:
+        with StopOnSignal(self.dist) as signals, contextlib.ExitStack() as feeds:  # feeds: their threads stop with us
             for epoch in range(run.start[0], run.epochs):
-                for index, window in self.windows(run, epoch):
+                for index, window in feeds.enter_context(contextlib.closing(self.windows(run, epoch))):
                     try:
                         stats = self.train_step(window)
                     except TrainingStopped as err:

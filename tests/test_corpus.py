@@ -369,3 +369,16 @@ def test_streaming_a_list_is_refused_naming_the_setting(tmp_path):
     model, tok = tiny_bart(d_model=32, layers=1)
     with pytest.raises(ValueError, match=r"TrainConfig.streaming: .* a list is in memory already"):
         Engine(model, tok, stream_cfg(tmp_path)).fit(PAIRS)
+
+
+def test_a_stopped_run_stops_its_collating_thread(tmp_path):
+    import threading
+
+    def stop_at_3(engine, stats):
+        if engine.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    model, tok = tiny_bart(d_model=32, layers=1)
+    with pytest.raises(SystemExit):
+        Engine(model, tok, train_cfg(tmp_path, save_every=100)).fit(PAIRS, on_step=stop_at_3)
+    assert not [t for t in threading.enumerate() if t.name == "finetune-collate"]
