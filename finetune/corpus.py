@@ -1,6 +1,6 @@
 """Tokenised data at any size: int32 columns, tokenised once in worker processes, cached on disk as Arrow.
 
-`load(data, tokenizer, settings)` gives the (pairs, examples) of one data set:
+`load(data, tokenizer, config, decoder_start)` gives the (pairs, examples) of one data set:
 
 - a file, a folder of shards, "hf:PATH" or a `datasets.Dataset`, with pyarrow installed (`finetune[data]`) and
   `cache_data` on: read once front to back (finetune.sources), parsed, checked and tokenised in `num_proc`
