@@ -250,8 +250,14 @@ def _parquet_chunks(path: str, source_field: str, target_field: str, size: int):
     if missing:
         raise DataError(f"{path}: missing column(s) {missing} (have {names}); set source_field/target_field to the "
                         "names your data uses")
-    row, first = 0, True
-    for batch in table.iter_batches(batch_size=size, columns=[source_field, target_field]):
+    row, first, batches = 0, True, table.iter_batches(batch_size=size, columns=[source_field, target_field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # a damaged row group: pyarrow's reason, and where reading stopped
+            raise DataError(f"{path}: row {row + 1} on cannot be read ({type(err).__name__}: {err})") from None
+        if batch is None:
+            return
         sources, targets = batch.column(0).to_pylist(), batch.column(1).to_pylist()
         yield Chunk("rows", path, [(f"{path}: row {row + i + 1}", s, t) for i, (s, t) in
                                    enumerate(zip(sources, targets))], first)

@@ -382,3 +382,26 @@ def test_a_stopped_run_stops_its_collating_thread(tmp_path):
     with pytest.raises(SystemExit):
         Engine(model, tok, train_cfg(tmp_path, save_every=100)).fit(PAIRS, on_step=stop_at_3)
     assert not [t for t in threading.enumerate() if t.name == "finetune-collate"]
+
+
+def test_a_damaged_parquet_file_is_named_with_the_row_where_reading_stopped(tmp_path):
+    path = write_parquet(tmp_path / "t.parquet", PAIRS)  # row groups of 50
+    raw = bytearray(open(path, "rb").read())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = b"\xff" * 64  # a row group's pages overwritten; the footer intact
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(DataError, match=r"t\.parquet: row \d+ on cannot be read \(OSError"):
+        read_pairs(path)
+
+
+def test_finetune_check_says_which_data_and_which_cache(tmp_path):
+    from finetune.run_config import check_setup
+
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS[:24])
+    rows = []
+    for _ in range(2):
+        model, tok = tiny_bart(d_model=32, layers=1)
+        report = check_setup(model, tok, train_cfg(tmp_path / "out", batch_size=4), path, steps=5)
+        rows.append({name: detail for _, name, detail in report.rows}["data"])
+    assert rows[0].startswith(f"training data {path}: 24 examples") and "cached in" in rows[0]
+    assert "cache hit" in rows[1] and "not tokenised again" in rows[1]
