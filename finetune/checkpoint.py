@@ -268,7 +268,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
         if _normalise(saved) != _normalise(now):
             problems.append(f"config.{key} was {saved!r}, is now {now!r}")
     if state["data_fingerprint"] != data_hash:
-        problems.append("the training data differ (tokenised examples)")
+        problems.append("the training data differ (tokenised examples)" if state.get("fingerprints") == 2 else
+                        "the training data cannot be compared: the checkpoint predates the data fingerprint of "
+                        "finetune.columns (resume it with the finetune it was written by, or start a fresh run)")
     if "eval_fingerprint" in state and state["eval_fingerprint"] != eval_hash:
         what = ("there was no evaluation data then" if state["eval_fingerprint"] is None else
                 "there is no evaluation data now" if eval_hash is None else "the evaluation data differ")

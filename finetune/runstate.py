@@ -140,7 +140,7 @@ class Checkpointer:
         path = None
         if dist.is_main:
             progress = {"step": engine.global_step, "epoch": epoch, "window": window,
-                        "data_fingerprint": self.data_hash, "eval_fingerprint": self.eval_hash,
+                        "data_fingerprint": self.data_hash, "eval_fingerprint": self.eval_hash, "fingerprints": 2,
                         "best": self.best.state(),
                         "nonfinite_in_a_row": engine.nonfinite_in_a_row, "world_size": dist.world_size}
             if stream[0] is not None:
