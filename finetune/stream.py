@@ -37,6 +37,9 @@ class Stream:
         if not config.max_steps:
             raise ValueError("TrainConfig.max_steps: a streamed run reads its data as it goes, so it cannot count "
                              "its steps from the data; declare how many optimizer steps to take")
+        if config.epochs != 1:
+            raise ValueError(f"TrainConfig.epochs={config.epochs}: a streamed run lasts max_steps, passing over the "
+                             "data as often as that takes: leave epochs at 1")
         self.data, self.tokenizer, self.config, self.decoder_start = data, tokenizer, config, decoder_start
         self.rank, self.world, self.name = rank, world, name
         if not (is_stream(data) or isinstance(data, (str, os.PathLike)) or hasattr(data, "column_names")):

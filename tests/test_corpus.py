@@ -216,7 +216,7 @@ def test_old_and_new_data_paths_train_bit_identically(tmp_path, prefetch, capsys
 
 
 def stream_cfg(out, **kw):
-    return train_cfg(out, streaming=True, max_steps=40, stream_buffer=50, save_every=4, keep_last=10, **kw)
+    return train_cfg(out, streaming=True, max_steps=40, epochs=1, stream_buffer=50, save_every=4, keep_last=10, **kw)
 
 
 @pytest.mark.parametrize("budget", [None, 160])

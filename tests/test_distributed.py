@@ -220,7 +220,7 @@ def test_a_stream_is_sharded_over_two_ranks_and_resumes_on_two_exactly(tmp_path)
     rows = [(f"{s} {i}", f"{t} {i}") for i in range(10) for s, t in SPELLING]  # 60 rows: 30 a rank, one pass
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in rows))
-    kw = dict(train_file=str(path), streaming=True, max_steps=4, stream_buffer=16, save_every=1, keep_last=10,
+    kw = dict(train_file=str(path), streaming=True, max_steps=4, epochs=1, stream_buffer=16, save_every=1, keep_last=10,
               grad_accum=1, dropout=0.1)
     reference = launch(tmp_path / "a", "full", **kw)
     _, tok = make("full")
