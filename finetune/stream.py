@@ -2,12 +2,13 @@
 ahead or that arrives as a `datasets.IterableDataset`.
 
 Rows are read front to back (finetune.sources for files; an IterableDataset row by row). Under torchrun every
-rank keeps its own shard: the rows r with r % world == rank of a file (the others are read, never tokenised),
-or `datasets.distributed.split_dataset_by_node` of an IterableDataset. Each rank fills a buffer of
-`stream_buffer` rows, tokenises it, and cuts it into micro-batches with the run's sampler (finetune.batching:
-`batch_size` examples or a `max_tokens` budget, length-grouped within the buffer, shuffled by (seed, pass,
-buffer)); `grad_accum` consecutive micro-batches make a window. At the end of the data the next pass starts,
-so a stream has no epochs: the run lasts `max_steps`, which a streamed run must declare.
+rank keeps its own shard: of a folder whose shard files divide among the ranks, files rank, rank + world, ...
+(the others are never opened); of one file (or shards that do not divide), the rows r with r % world == rank
+(the others are read, never tokenised); of an IterableDataset, `datasets.distributed.split_dataset_by_node`.
+Each rank fills a buffer of `stream_buffer` rows, tokenises it, and cuts it into micro-batches with the run's
+sampler (finetune.batching: `batch_size` examples or a `max_tokens` budget, length-grouped within the buffer,
+shuffled by (seed, pass, buffer)); `grad_accum` consecutive micro-batches make a window. At the end of the data
+the next pass starts, so a stream has no epochs: the run lasts `max_steps`, which a streamed run must declare.
 
 Exact resume: the position after each window — (pass, buffer, micro-batches of it used) — goes into every
 checkpoint, for every rank; a resume reads and skips the rows of the buffers before it (no tokenising), makes
@@ -23,7 +24,7 @@ from .batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction
 from .columns import Block, Examples
 from .data import tokenize_pairs
 from .feed import noised
-from .sources import DataError, check_row, open_source, parse_chunk
+from .sources import DataError, check_row, file_chunks, open_source, parse_chunk
 
 
 def is_stream(data) -> bool:
@@ -81,10 +82,18 @@ class Stream:
                 yield (n, *check_row(f"{self.name}: stream row [{i}]", row[fields[0]], row[fields[1]]))
                 n += 1
             return
+        files = self.source.files
+        if self.world > 1 and len(files) % self.world == 0:  # shards: each rank reads its own files only
+            for path in files[self.rank::self.world]:
+                for chunk in file_chunks(path, *fields):
+                    for pair in parse_chunk(chunk, *fields):
+                        yield (n, *pair)
+                        n += 1
+            return
         r = 0
         for chunk in self.source.chunks(*fields):
             for pair in parse_chunk(chunk, *fields):
-                if r % self.world == self.rank:
+                if r % self.world == self.rank:  # one file (or shards that do not divide): every world-th row
                     yield (n, *pair)
                     n += 1
                 r += 1

@@ -405,3 +405,18 @@ def test_finetune_check_says_which_data_and_which_cache(tmp_path):
         rows.append({name: detail for _, name, detail in report.rows}["data"])
     assert rows[0].startswith(f"training data {path}: 24 examples") and "cached in" in rows[0]
     assert "cache hit" in rows[1] and "not tokenised again" in rows[1]
+
+
+def test_a_stream_of_shards_gives_each_rank_its_own_files(tmp_path):
+    from finetune.stream import Stream
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(4):
+        write_jsonl(folder / f"part-{k}.jsonl", PAIRS[k * 60:(k + 1) * 60])
+    cfg = train_cfg(tmp_path, streaming=True, max_steps=1, epochs=1)
+    tok = char_tokenizer("bart")
+    rows = {r: [(s, t) for _, s, t in Stream(str(folder), tok, cfg, 2, r, 2).rows()] for r in (0, 1)}
+    assert rows[0] == PAIRS[0:60] + PAIRS[120:180] and rows[1] == PAIRS[60:120] + PAIRS[180:240]
+    odd = [(s, t) for _, s, t in Stream(str(folder), tok, cfg, 2, 1, 3).rows()]  # 4 files, 3 ranks: by rows
+    assert odd == PAIRS[1::3]
