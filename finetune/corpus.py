@@ -27,7 +27,7 @@ import numpy as np
 
 from .columns import Block, Examples
 from .data import TokenizeReport, tokenize_pairs
-from .sources import DataError, open_source, parse_chunk
+from .sources import DataError, is_dataset, open_source, parse_chunk
 
 FORMAT = 1  # of the cache folders; part of the key
 
@@ -158,8 +158,7 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
                 while pending:
                     write(pending.popleft().get())
         if not counts[0]:
-            raise DataError(f"{source.description}: no pairs in the file" if source.files else
-                            f"{source.description}: no pairs")
+            raise source.no_pairs()
         seconds = time.perf_counter() - started
         meta = {"format": FORMAT, "source": source.description, "report": dict(zip(
                     ("examples", "truncated_sources", "truncated_targets"), counts)),
@@ -187,7 +186,7 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
 def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=None):
     """(pairs, Examples) of `data`, read and tokenised as `config` (a TrainConfig) says: lengths, fields,
     cache_data, cache_dir, num_proc. Under torchrun (`dist`) rank 0 tokenises and the other ranks read its cache."""
-    from .data import is_dataset, read_pairs
+    from .data import read_pairs
 
     fields = (config.source_field, config.target_field)
     lengths = (config.max_source_length, config.max_target_length)

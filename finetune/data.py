@@ -13,7 +13,7 @@ import torch
 
 from .batching import LengthGroupedBatches  # noqa: F401  (its old home)
 from .masks import decoder_attention_mask, pad_inputs, pad_labels, shift_tokens_right
-from .sources import DataError, check_row, mapping_pair, open_source, parse_chunk
+from .sources import DataError, check_row, is_dataset, is_stream, mapping_pair, open_source, parse_chunk
 
 __all__ = ["DataError", "LengthGroupedBatches", "read_pairs", "tokenize_pairs", "Collator", "Example"]
 
@@ -31,10 +31,9 @@ def read_pairs(data, source_field: str = "source", target_field: str = "target",
         pairs = [p for chunk in source.chunks(source_field, target_field)
                  for p in parse_chunk(chunk, source_field, target_field)]
         if not pairs:
-            raise DataError(f"{source.description}: no pairs in the file" if source.files else
-                            f"{source.description}: no pairs")
+            raise source.no_pairs()
         return pairs
-    if isinstance(data, dict) and data and all(is_dataset(v) or hasattr(v, "n_shards") for v in data.values()):
+    if isinstance(data, dict) and data and all(is_dataset(v) or is_stream(v) for v in data.values()):
         raise DataError(f"{name}: a DatasetDict of the splits {sorted(data)}: pass one split, e.g. "
                         f"dataset[{sorted(data)[0]!r}]")
     if isinstance(data, (bytes, dict)) or not hasattr(data, "__iter__"):
@@ -50,11 +49,6 @@ def read_pairs(data, source_field: str = "source", target_field: str = "target",
     if not pairs:
         raise DataError(f"{name}: no pairs given")
     return pairs
-
-
-def is_dataset(data) -> bool:
-    """A `datasets.Dataset` (told by its attributes: `datasets` need not be importable to ask)."""
-    return hasattr(data, "column_names") and hasattr(data, "_fingerprint")
 
 
 @dataclass

@@ -40,7 +40,8 @@ from .optim import build_optimizer, build_scheduler, describe_groups, optimizer_
 from .outputs import RunLock, claim_for_fresh_run
 from .precision import Precision
 from .recorder import Recorder
-from .stream import Stream, is_stream
+from .sources import is_stream
+from .stream import Stream
 from .runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
                        finish, subset)
 

@@ -131,7 +131,8 @@ def _training_data(report, engine, train):
     a stream's first buffer; the "data" row says which source and which cache."""
     from . import corpus
     from .data import DataError
-    from .stream import Stream, is_stream
+    from .sources import is_stream
+    from .stream import Stream
 
     cfg, tok, start = engine.config, engine.tokenizer, engine.tokens.decoder_start
     try:

@@ -45,6 +45,9 @@ class Source:
     files: list = field(default_factory=list)
     dataset: object = None  # a datasets.Dataset, read by rows
 
+    def no_pairs(self) -> DataError:
+        return DataError(f"{self.description}: no pairs in the file" if self.files else f"{self.description}: no pairs")
+
     def chunks(self, source_field: str, target_field: str):
         if self.dataset is not None:
             yield from _dataset_chunks(self.dataset, self.description, source_field, target_field)
@@ -53,9 +56,19 @@ class Source:
             yield from file_chunks(path, source_field, target_field)
 
 
+def is_dataset(data) -> bool:
+    """A `datasets.Dataset` (told by its attributes: `datasets` need not be importable to ask)."""
+    return hasattr(data, "column_names") and hasattr(data, "_fingerprint")
+
+
+def is_stream(data) -> bool:
+    """A `datasets.IterableDataset` (told by its attributes, as `is_dataset`)."""
+    return hasattr(data, "iter") and hasattr(data, "shuffle") and hasattr(data, "n_shards")
+
+
 def open_source(data, name: str = "data") -> Source:
     """What `data` (a path, "hf:PATH", or a datasets.Dataset) is, checked before anything is read."""
-    if hasattr(data, "column_names") and hasattr(data, "_fingerprint"):  # a datasets.Dataset
+    if is_dataset(data):
         return Source(f"{name}: a datasets.Dataset of {len(data)} rows", [data._fingerprint], dataset=data)
     path = os.fspath(data)
     if path.startswith("hf:"):

@@ -24,12 +24,7 @@ from .batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction
 from .columns import Block, Examples
 from .data import tokenize_pairs
 from .feed import noised
-from .sources import DataError, check_row, file_chunks, open_source, parse_chunk
-
-
-def is_stream(data) -> bool:
-    """A `datasets.IterableDataset` (told by its attributes; `datasets` need not be importable to ask)."""
-    return hasattr(data, "iter") and hasattr(data, "shuffle") and hasattr(data, "n_shards")
+from .sources import DataError, file_chunks, is_dataset, is_stream, mapping_pair, open_source, parse_chunk
 
 
 class Stream:
@@ -43,7 +38,7 @@ class Stream:
                              "data as often as that takes: leave epochs at 1")
         self.data, self.tokenizer, self.config, self.decoder_start = data, tokenizer, config, decoder_start
         self.rank, self.world, self.name = rank, world, name
-        if not (is_stream(data) or isinstance(data, (str, os.PathLike)) or hasattr(data, "column_names")):
+        if not (is_stream(data) or isinstance(data, (str, os.PathLike)) or is_dataset(data)):
             raise ValueError(f"TrainConfig.streaming: streams read a file, a folder, hf:PATH, a datasets.Dataset or "
                              f"IterableDataset; a {type(data).__name__} is in memory already: drop streaming=True")
         if is_stream(data):
@@ -75,11 +70,7 @@ class Stream:
 
                 data = split_dataset_by_node(data, rank=self.rank, world_size=self.world)
             for i, row in enumerate(data):
-                missing = [k for k in fields if k not in row]
-                if missing:
-                    raise DataError(f"{self.name}: stream row [{i}]: missing field(s) {missing} (have {sorted(row)});"
-                                    " set source_field/target_field to the names your data uses")
-                yield (n, *check_row(f"{self.name}: stream row [{i}]", row[fields[0]], row[fields[1]]))
+                yield (n, *mapping_pair(f"{self.name}: stream row [{i}]", row, *fields))
                 n += 1
             return
         files = self.source.files
