@@ -66,6 +66,7 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def open_cached(folder: str) -> Examples:
+    """The examples of a finished cache folder, memory-mapped; an error if its file holds fewer than were written."""
     import pyarrow as pa
 
     with open(os.path.join(folder, "meta.json")) as f:
@@ -79,7 +80,10 @@ def open_cached(folder: str) -> Examples:
                             tgt.values.to_numpy(), tgt.offsets.to_numpy().astype(np.int64),
                             batch.column("source"), batch.column("target")))
     report = TokenizeReport(**meta["report"])
-    return Examples(blocks, report, meta["fingerprint"], meta["origin"], path)
+    examples = Examples(blocks, report, meta["fingerprint"], meta["origin"], path)
+    if len(examples) != report.examples:
+        raise ValueError(f"{len(examples)} examples where {report.examples} were written")
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,10 +203,12 @@ def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=N
     key = cache_key(source, tokenizer, {"fields": fields, "lengths": lengths, "decoder_start": decoder_start})
     folder = os.path.join(cache_root(config.cache_dir), key)
     main = dist is None or dist.is_main
-    built, failure, warning = False, None, ""
+    examples, built, failure, warning = None, False, None, ""
     if main and os.path.exists(os.path.join(folder, "meta.json")):
-        warning = _damaged(folder)
-        if warning:  # e.g. a file cut short by a full disk: built again, never trusted
+        try:
+            examples = open_cached(folder)
+        except Exception as err:  # e.g. a file cut short by a full disk (pyarrow's error), a short count: built again
+            warning = f"the cache {folder} was damaged ({type(err).__name__}: {err}) and is tokenised again; "
             shutil.rmtree(folder, ignore_errors=True)
     if main and not os.path.exists(os.path.join(folder, "meta.json")):
         try:
@@ -222,24 +228,11 @@ def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=N
         failure = failure or (DataError(f"rank 0 could not read the data: {message}") if message else None)
     if failure is not None:
         raise failure
-    examples = open_cached(folder)
+    if examples is None:  # rank 0 opened its cache hit already
+        examples = open_cached(folder)
     examples.origin = warning + (f"{examples.origin}; cached in {folder}" if built else
                                  f"cache hit {folder} ({examples.origin}; not tokenised again)")
     return examples.pairs(), examples
-
-
-def _damaged(folder: str) -> str:
-    """Why a finished cache folder cannot be used ("" when it can): its Arrow file unreadable or short."""
-    try:
-        examples = open_cached(folder)
-        with open(os.path.join(folder, "meta.json")) as f:
-            expected = json.load(f)["report"]["examples"]
-        if len(examples) == expected:
-            return ""
-        reason = f"{len(examples)} examples where {expected} were written"
-    except Exception as err:  # pyarrow's error for a cut file, a missing file, bad JSON
-        reason = f"{type(err).__name__}: {err}"
-    return f"the cache {folder} was damaged ({reason}) and is tokenised again; "
 
 
 def _have_pyarrow() -> bool:
