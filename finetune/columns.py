@@ -12,7 +12,7 @@ import hashlib
 
 import numpy as np
 
-from .data import Example, TokenizeReport
+from .data import Example, TokenizeReport, tokenize_pairs
 
 
 class Block:
@@ -114,3 +114,10 @@ def _lengths(blocks, name) -> np.ndarray:
     if not blocks:
         return np.zeros(0, dtype=np.int32)
     return np.concatenate([np.diff(getattr(b, name)).astype(np.int32) for b in blocks])
+
+
+def in_memory(pairs, tokenizer, max_source_length: int, max_target_length: int, decoder_start: int,
+              fingerprint: str | None = None) -> Examples:
+    """`pairs` tokenised in this process (finetune.data.tokenize_pairs) and packed into one block."""
+    examples, report = tokenize_pairs(pairs, tokenizer, max_source_length, max_target_length, decoder_start)
+    return Examples([Block.pack(examples, pairs)], report, fingerprint)

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from .columns import Block, Examples
+from .columns import Block, Examples, in_memory
 from .data import TokenizeReport, tokenize_pairs
 from .sources import DataError, is_dataset, open_source, parse_chunk
 
@@ -197,8 +197,7 @@ def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=N
     cached = config.cache_data and (isinstance(data, (str, os.PathLike)) or is_dataset(data)) and _have_pyarrow()
     if not cached:
         pairs = read_pairs(data, *fields, name)
-        examples, report = tokenize_pairs(pairs, tokenizer, *lengths, decoder_start)
-        return pairs, Examples([Block.pack(examples, pairs)], report)
+        return pairs, in_memory(pairs, tokenizer, *lengths, decoder_start)
     source = open_source(data, name)
     key = cache_key(source, tokenizer, {"fields": fields, "lengths": lengths, "decoder_start": decoder_start})
     folder = os.path.join(cache_root(config.cache_dir), key)

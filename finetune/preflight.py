@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import read_pairs, tokenize_pairs
+from .data import read_pairs
 from .masks import IGNORE_INDEX
 
 SMALL_LR = 1e-4  # a rate at or below this barely moves randomly initialised tensors in an epoch (DESIGN.md)
@@ -130,6 +130,7 @@ def _training_data(report, engine, train):
     """(pairs, examples, truncation counts) as the run will read them (finetune.corpus: the cache it uses), or of
     a stream's first buffer; the "data" row says which source and which cache."""
     from . import corpus
+    from .columns import in_memory
     from .data import DataError
     from .sources import is_stream
     from .stream import Stream
@@ -139,9 +140,9 @@ def _training_data(report, engine, train):
         if cfg.streaming or is_stream(train):
             stream = Stream(train, tok, cfg, start, engine.dist.rank, engine.dist.world_size)
             pairs = [(s, t) for _, s, t in next(stream.buffers(0, 0))[2]]
-            examples, counts = tokenize_pairs(pairs, tok, cfg.max_source_length, cfg.max_target_length, start)
+            examples = in_memory(pairs, tok, cfg.max_source_length, cfg.max_target_length, start)
             report.add("PASS", "data", f"{stream.description}; checked here: its first buffer of {len(pairs)} rows")
-            return pairs, examples, counts
+            return pairs, examples, examples.report
         pairs, examples = corpus.load(train, tok, cfg, start, "training data", engine.dist)
     except (DataError, ValueError) as err:
         report.add("FAIL", "data", str(err))

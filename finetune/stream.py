@@ -21,8 +21,7 @@ import json
 import os
 
 from .batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction
-from .columns import Block, Examples
-from .data import tokenize_pairs
+from .columns import in_memory
 from .feed import noised
 from .sources import DataError, file_chunks, is_dataset, is_stream, mapping_pair, open_source, parse_chunk
 
@@ -132,13 +131,12 @@ class Stream:
             return
         for p, b, rows in self.buffers(at["pass"], at["buffer"]):
             pairs = [(s, t) for _, s, t in rows]
-            tokenized, report = tokenize_pairs(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
-                                               self.decoder_start)
-            examples = Examples([Block.pack(tokenized, pairs)], report, fingerprint="stream")
+            examples = in_memory(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
+                                 self.decoder_start, fingerprint="stream")  # a buffer's: not hashed
             batches = self.sampler(examples, p, b).batches(0)
             padding = padding_fraction(batches, examples)
             log(f"stream pass {p} buffer {b}: {len(rows)} rows from row {rows[0][0]}, {len(batches)} batches, "
-                f"padding {padding:.1%}; {report}")
+                f"padding {padding:.1%}; {examples.report}")
             first = at["batch"] if (p, b) == (at["pass"], at["buffer"]) else 0
             for j in range(first, len(batches)):
                 pending.append(engine.collate([noised(engine, examples[i], p, rows[i][0]) for i in batches[j]]))
