@@ -177,7 +177,7 @@ def training_sampler(config, examples, world: int = 1):
 def schedule_of(config, sampler) -> tuple[int, int, int]:
     """(optimizer steps of the first epoch, total optimizer steps, epochs) of a run over `sampler`'s batches
     (`max_steps`, else `epochs` whole epochs)."""
-    if not hasattr(sampler, "num_batches") or hasattr(sampler, "windows"):  # a stream: max_steps, one "epoch"
+    if hasattr(sampler, "windows"):  # a stream (finetune.stream): max_steps, one "epoch"
         return config.max_steps, config.max_steps, 1
 
     def steps(epoch):

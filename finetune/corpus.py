@@ -137,15 +137,13 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
                     pa.ListArray.from_arrays(offsets[1], pa.array(block.tgt_values))], schema=schema))
 
             args = (tokenizer, fields, lengths, decoder_start)
-            if num_proc <= 1:
-                saved = dict(_WORKER)
+            if num_proc <= 1:  # this process is the one worker (its tokenizer keeps its own threads)
                 _WORKER.update(tokenizer=tokenizer, fields=fields, lengths=lengths, decoder_start=decoder_start)
                 try:
                     for chunk in source.chunks(*fields):
                         write(_tokenize_chunk(chunk))
                 finally:
-                    _WORKER.clear()
-                    _WORKER.update(saved)
+                    _WORKER.clear()  # holds no tokenizer after the build
             else:
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
                 pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, args)

@@ -51,9 +51,6 @@ class Stream:
             self.source.identity
         self.fingerprint = "stream:" + hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()
 
-    def num_batches(self, epoch: int) -> int:
-        raise TypeError("a stream has no epochs: the run's length is TrainConfig.max_steps")
-
     # ------------------------------------------------------------------------------------------
     # rows
 
