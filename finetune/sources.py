@@ -137,11 +137,8 @@ def _saved_dataset(path: str, name: str) -> Source:
 
 def file_chunks(path: str, source_field: str, target_field: str, size: int = CHUNK_ROWS):
     ext = _check_format(path)
-    if ext == ".parquet":
-        yield from _parquet_chunks(path, source_field, target_field, size)
-        return
-    if ext == ".csv":
-        yield from _csv_chunks(path, source_field, target_field, size)
+    if ext in (".parquet", ".csv"):  # rows made here: columns, or one CSV reader front to back
+        yield from (_parquet_chunks if ext == ".parquet" else _csv_chunks)(path, source_field, target_field, size)
         return
     if ext == ".json" and _starts_with_bracket(path):
         rows = _json_array_rows(path, source_field, target_field)
