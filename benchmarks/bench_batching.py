@@ -3,7 +3,7 @@
     python benchmarks/bench_batching.py                       # padding of each scheme, then timed steps
     python benchmarks/bench_batching.py --steps 0             # padding only (seconds)
 
-Padding: the share of padded positions in one epoch's micro-batches (finetune.batching.padding_fraction) for
+Padding: the share of padded positions in one epoch's micro-batches (finetune.data.batching.padding_fraction) for
 fixed batches of --batch-size (shuffled, and length-grouped as the engine does by default) and for
 `max_tokens` budgets with about the same tokens a batch. Speed: --steps steps of full fine-tuning of the
 bundled MiniLM bert2bert with each scheme, samples/s and real tokens/s, fresh process each, alternating.
@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def examples(max_source_length: int):
-    from finetune.data import tokenize_pairs
-    from finetune.datasets import code_summary_pairs
+    from finetune.data.tokenize import tokenize_pairs
+    from finetune.data.builtin import code_summary_pairs
     from finetune.models import bert2bert_by_name
 
     built = bert2bert_by_name("minilm")
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         return 0
     from bench_real import machine
     from finetune import TrainConfig
-    from finetune.batching import padding_fraction, training_sampler
+    from finetune.data.batching import padding_fraction, training_sampler
 
     _, exs, _ = examples(args.max_source_length)
     if args.max_tokens is None:

@@ -6,7 +6,7 @@ prefetch thread).
     python benchmarks/bench_data.py                       # start-up (~15 min), rate (~10 min), collation
     python benchmarks/bench_data.py --part start --pairs 10000 100000
 
-The data: the codespell train pairs and the code-summary train pairs (finetune.datasets), alternated and repeated
+The data: the codespell train pairs and the code-summary train pairs (finetune.data.builtin), alternated and repeated
 with variation (row i carries its number, in the source as a trailing word or comment and in the target) to the
 wanted count: 3-10-token words beside 30-256-token functions. The model: MiniLM bert2bert (the main job's),
 sources cut at 128 tokens, targets at 48, batches of 32. Each measurement is a fresh process (a cold cache is a
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def generate(path: str, pairs: int) -> str:
     """A JSONL of `pairs` rows: codespell and code-summary pairs alternated, each row numbered (variation)."""
-    from finetune.datasets import code_summary_pairs, codespell_pairs
+    from finetune.data.builtin import code_summary_pairs, codespell_pairs
 
     if os.path.exists(path):
         return path
@@ -56,7 +56,7 @@ def worker(args) -> dict:
     import torch
 
     from finetune import Engine, TrainConfig
-    from finetune.data import read_pairs
+    from finetune.data.pairs import read_pairs
     from finetune.models import bert2bert_by_name
 
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def rate_worker(args) -> dict:
     import torch
 
     from finetune import Engine, TrainConfig
-    from finetune.datasets import code_summary_pairs, codespell_pairs
+    from finetune.data.builtin import code_summary_pairs, codespell_pairs
     from finetune.methods import new_tensor_lr
     from finetune.models import bert2bert_by_name
 
@@ -128,7 +128,7 @@ def collate_times(jobs) -> dict:
     import torch
 
     from finetune import Engine, TrainConfig
-    from finetune.datasets import code_summary_pairs, codespell_pairs
+    from finetune.data.builtin import code_summary_pairs, codespell_pairs
     from finetune.models import bert2bert_by_name
 
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         return 0
 
     from bench_real import machine, run_worker
-    from finetune.corpus import default_num_proc
+    from finetune.data.corpus import default_num_proc
 
     os.makedirs(args.data_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)

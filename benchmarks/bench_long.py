@@ -1,5 +1,5 @@
 """The long-input job, side by side: our engine against HF Seq2SeqTrainer (+ PEFT) on MiniLM bert2bert summarising
-standard-library code (finetune.datasets.code_summary_pairs: sources of 100-1,000 tokens, cut at 256).
+standard-library code (finetune.data.builtin.code_summary_pairs: sources of 100-1,000 tokens, cut at 256).
 
     python benchmarks/bench_long.py                                  # every method, fp32, 3 rounds
     python benchmarks/bench_long.py --subset long --checkpointing off on --methods full lora
@@ -43,7 +43,7 @@ LONG = 100  # --subset long: sources of at least this many tokens
 def job_pairs(tok, args) -> list[tuple[str, str]]:
     """The benchmark's pairs: a seeded shuffle of the train split (targets lowercased: the tokenizer is uncased),
     the long tail only with --subset long, the first steps x batch of them."""
-    from finetune.datasets import code_summary_pairs
+    from finetune.data.builtin import code_summary_pairs
 
     pairs = [(c, s.lower()) for c, s in code_summary_pairs("train")]
     random.Random(0).shuffle(pairs)

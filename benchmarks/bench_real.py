@@ -37,7 +37,7 @@ def worker(args) -> dict:
 
     from bench_train import peak_memory_mib, peer_model, reset_peak_memory
     from finetune import Engine, TrainConfig, apply_method, new_tensor_lr, trainable_report
-    from finetune.datasets import codespell_pairs
+    from finetune.data.builtin import codespell_pairs
     from finetune.models import bert2bert, minilm_path
 
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def _peer_groups(model, new_params, args):
 def machine() -> dict:
     from bench_train import machine as bench_machine
 
-    from finetune.precision import cpu_bf16_units
+    from finetune.train.precision import cpu_bf16_units
 
     info = bench_machine()
     info["bf16_units"] = cpu_bf16_units() or "none"

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from finetune.methods import METHODS, exact_names_pattern, settings_of  # noqa: E402
-from finetune.optim import OPTIMIZERS, optimizer_state_bytes  # noqa: E402
+from finetune.train.optim import OPTIMIZERS, optimizer_state_bytes  # noqa: E402
 
 MODELS = ("minilm", "bart-base", "t5-base")
 # PEFT's target_modules as one regex (full match), equal to what finetune.methods wraps: BART q_proj/v_proj,
@@ -61,7 +61,7 @@ def build(model_name: str):
 def synthetic_examples(n: int, src_len: int, tgt_len: int, vocab: int, seed: int, eos: int):
     import random
 
-    from finetune.data import Example
+    from finetune.data.tokenize import Example
 
     rng = random.Random(seed)
     return [Example([rng.randrange(5, vocab) for _ in range(src_len - 1)] + [eos],
@@ -201,17 +201,17 @@ def peer_model(model, method: str, new):
     if method in ("lora", "int8-lora", "dora", "qlora"):
         import peft
 
-        from finetune.quant import prepare_quantized_training
+        from finetune.methods.quant import prepare_quantized_training
 
         if method in ("int8-lora", "qlora"):
             skip = [exact_names_pattern(new)] if new else ()
             if method == "int8-lora":
-                from finetune.int8 import quantize_int8
+                from finetune.methods.int8 import quantize_int8
 
                 quantize_int8(model, skip=skip)
                 model.is_loaded_in_8bit = True  # how PEFT learns that its int8 LoRA layer is wanted
             else:
-                from finetune.int4 import quantize_4bit
+                from finetune.methods.int4 import quantize_4bit
 
                 quantize_4bit(model, skip=skip)
                 model.is_loaded_in_4bit = True  # ... and its 4-bit one
@@ -280,7 +280,7 @@ def worker(cfg: dict) -> dict:
     examples = synthetic_examples_for(model, tok, n, cfg["src_len"], cfg["tgt_len"])
     if cfg["engine"] == "ours":
         apply(model, cfg["method"], new)
-    from finetune.freeze import trainable_report
+    from finetune.methods.freeze import trainable_report
 
     if cfg["engine"] == "ours":
         seconds = run_ours(cfg, model, tok, examples, device)

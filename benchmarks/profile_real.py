@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from finetune import Engine, TrainConfig, apply_method, new_tensor_lr
-    from finetune.datasets import codespell_pairs
+    from finetune.data.builtin import codespell_pairs
     from finetune.models import bert2bert, minilm_path
 
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     pairs = codespell_pairs("train", limit=args.batch_size * (args.warmup + 2 * args.steps), seed=0)
     run = engine.prepare(pairs)
     if args.optimizer != "engine":  # the same groups and schedule under another AdamW implementation
-        from finetune.optim import build_scheduler
+        from finetune.train.optim import build_scheduler
 
         groups = [{"params": g["params"], "lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
                    "betas": g["betas"], "eps": g["eps"]} for g in engine.optimizer.param_groups]

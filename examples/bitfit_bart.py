@@ -14,7 +14,7 @@ import sys
 from common import load_model
 
 from finetune import Engine, TrainConfig, bitfit, read_pairs
-from finetune.datasets import codespell_pairs
+from finetune.data.builtin import codespell_pairs
 from finetune.models import tiny_bart
 
 

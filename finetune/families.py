@@ -1,7 +1,7 @@
 """One row per model family: everything the engine does differently for BART, T5, bert2bert, ...
 
 Every module reads this table instead of its own `if model_type == ...`. Adding a family is one row here
-(plus a tiny builder in finetune/models.py for its tests). The fields:
+(plus a tiny builder in finetune/models/load.py for its tests). The fields:
 
     lora_targets      regexes of the linear layers LoRA wraps by default (the query and value projections,
                       as people use LoRA: Hu et al., 2021, §7.1; PEFT's defaults)

@@ -21,14 +21,14 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-from .config import TrainConfig, fits
+from finetune.train.config import TrainConfig, fits
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, from PyPI (a dependency on those versions)
     import tomli as tomllib
-from .methods import METHODS, REGISTRY, method
-from .noise import NoiseConfig
+from finetune.methods.registry import METHODS, REGISTRY, method
+from finetune.data.noise import NoiseConfig
 
 
 @dataclass
@@ -161,14 +161,14 @@ def load_run_config(path: str, overrides=()) -> RunConfig:
 
 def tiny_models() -> dict[str, str]:
     """'tiny-bart' -> 'tiny_bart': the families' tiny builders (finetune/families.py) by their run-file name."""
-    from .families import FAMILIES
+    from finetune.families import FAMILIES
 
     return {f.tiny.replace("_", "-"): f.tiny for f in FAMILIES.values() if f.tiny}
 
 
 def build_model(section: ModelSection):
     """(model, tokenizer, newly initialised parameter names) for a [model] section."""
-    from . import models
+    from finetune import models
 
     tiny = tiny_models()
     if section.name in tiny:
@@ -184,23 +184,23 @@ def build_model(section: ModelSection):
 
 def load_data(spec: str | None, limit: int | None, seed: int, source_field: str, target_field: str):
     """A [data] entry: a file or folder path, "hf:PATH" (a datasets.save_to_disk folder), `codespell:SPLIT` or
-    `code-summary:SPLIT` (the real data built offline: finetune.datasets); `limit` takes the first n (the real data:
+    `code-summary:SPLIT` (the real data built offline: finetune.data.builtin); `limit` takes the first n (the real data:
     a seeded sample). A path without a limit is passed on as it is: the engine reads and caches it
-    (finetune.corpus)."""
-    from .data import read_pairs
+    (finetune.data.corpus)."""
+    from finetune.data.pairs import read_pairs
 
     if spec is None:
         return None
     if spec.startswith("codespell:"):
-        from .datasets import codespell_pairs
+        from finetune.data.builtin import codespell_pairs
 
         return codespell_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
     if spec.startswith("code-summary:"):
-        from .datasets import code_summary_pairs
+        from finetune.data.builtin import code_summary_pairs
 
         return code_summary_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
     if not limit:
-        from .sources import open_source
+        from finetune.data.sources import open_source
 
         open_source(spec, "[data]")  # a missing file or unknown format fails here; the engine reads it (cached)
         return spec
@@ -221,12 +221,12 @@ class BuiltRun:
 def build_run(run: RunConfig) -> BuiltRun:
     """The model with its method applied (and [method] freeze / unfreeze), the TrainConfig with the new tensors'
     learning rate ([model] new_lr), and the data."""
-    from .freeze import freeze, unfreeze
-    from .methods import apply_method, new_tensor_lr
+    from finetune.methods.freeze import freeze, unfreeze
+    from finetune.methods.registry import apply_method, new_tensor_lr
 
     model, tokenizer, new = build_model(run.model)
     if run.model.dropout is not None:
-        from .models import set_dropout
+        from finetune.models.adjust import set_dropout
 
         set_dropout(model, run.model.dropout)
     apply_method(model, run.method.name, new, **run.method.settings)
@@ -245,9 +245,9 @@ def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int =
                 resume: bool = False):
     """Build the engine (its special-token contract is the first check) and run `check` on it; for a fresh run
     (not `resume`), also the output folder as `finetune train` will claim it."""
-    from .engine import Engine
-    from .outputs import OutputDirError, claim_for_fresh_run
-    from .preflight import CheckReport, check
+    from finetune.train.engine import Engine
+    from finetune.store.outputs import OutputDirError, claim_for_fresh_run
+    from finetune.train.preflight import CheckReport, check
 
     try:
         engine = Engine(model, tokenizer, config)

@@ -30,12 +30,12 @@ def auto_precision_is_fp32(request, monkeypatch):
     every CPU; a test of `auto` itself is marked `real_auto_precision`."""
     if "real_auto_precision" in request.keywords:
         return
-    import finetune.precision
+    import finetune.train.precision
 
-    monkeypatch.setattr(finetune.precision, "choose", lambda device: ("fp32", "tests pin auto to fp32"))
+    monkeypatch.setattr(finetune.train.precision, "choose", lambda device: ("fp32", "tests pin auto to fp32"))
 
 
 @pytest.fixture(autouse=True)
 def data_cache_in_tmp(tmp_path_factory, monkeypatch):
-    """Tokenised-data caches (finetune.corpus) of a test run go to one temporary folder, never ~/.cache."""
+    """Tokenised-data caches (finetune.data.corpus) of a test run go to one temporary folder, never ~/.cache."""
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "finetune-cache"))

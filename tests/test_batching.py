@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from finetune import Engine, TrainConfig
-from finetune.batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction, schedule_of
-from finetune.checkpoint import CheckpointError
-from finetune.data import Example
+from finetune.data.batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction, schedule_of
+from finetune.train.checkpoint import CheckpointError
+from finetune.data.tokenize import Example
 from finetune.models import tiny_bart
 
 

@@ -58,7 +58,7 @@ def test_bench_data_smoke(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["start"]
-    from finetune.corpus import default_num_proc
+    from finetune.data.corpus import default_num_proc
 
     cold = [("file", "cold", 1)] + ([("file", "cold", default_num_proc())] if default_num_proc() > 1 else [])
     assert [(r["path"], r["cache"], r["num_proc"]) for r in rows[:-2]] == cold  # 1 process, then every core

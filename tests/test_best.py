@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from conftest import SPELLING
 from finetune import Engine, TrainConfig
-from finetune.metrics import GenerationMetrics
+from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart, tiny_bert2bert
 from finetune.run_config import check_setup
-from finetune.runstate import Best
+from finetune.train.runstate import Best
 
 DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(16)]
 EVAL = [(f"wrod {i}", f"word {i}") for i in range(6)]
@@ -151,7 +151,7 @@ def test_bleu_and_chrf_are_sacrebleus():
 
 
 def test_edit_distance_handles_long_texts():
-    from finetune.metrics import edit_distance
+    from finetune.evaluate.metrics import edit_distance
 
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance("a" * 2000, "b" * 200) == 2000
@@ -199,7 +199,7 @@ def test_check_fails_on_a_collator_that_breaks_the_batch(tmp_path, broken, messa
 
 
 def test_check_fails_when_everything_is_frozen(tmp_path):
-    from finetune import freeze
+    from finetune.methods import freeze
 
     model, tok = tiny_bart()
     freeze(model, [".*"])

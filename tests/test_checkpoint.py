@@ -12,8 +12,8 @@ import torch
 
 from conftest import SPELLING
 from finetune import Engine, TrainConfig, bitfit
-from finetune.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
-from finetune.lora import apply_lora
+from finetune.train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
+from finetune.methods.lora import apply_lora
 from finetune.models import tiny_bart
 
 DATA = SPELLING * 4  # 24 pairs: 6 batches of 4 per epoch

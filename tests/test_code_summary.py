@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from finetune.datasets import SPLITS, code_summaries, code_summary_pairs, name_baseline
+from finetune.data.builtin import SPLITS, code_summaries, code_summary_pairs, name_baseline
 from finetune.run_config import load_data
 
 MODULE = '''

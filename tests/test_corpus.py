@@ -1,4 +1,4 @@
-"""Data at any size (finetune.sources, finetune.corpus, finetune.stream): every source format, bad rows named by
+"""Data at any size (finetune.data.sources, finetune.data.corpus, finetune.data.stream): every source format, bad rows named by
 file and line in each, the tokenised cache (hit, invalidation), the old and new paths bit-identical, streams
 resumed bit-exactly and sharded over ranks."""
 import contextlib
@@ -12,9 +12,9 @@ import torch
 
 from conftest import SPELLING
 from finetune import Engine, TrainConfig
-from finetune.corpus import load
-from finetune.data import DataError, read_pairs
-from finetune.feed import prefetched
+from finetune.data.corpus import load
+from finetune.data.pairs import DataError, read_pairs
+from finetune.data.feed import prefetched
 from finetune.models import char_tokenizer, tiny_bart
 
 pa = pytest.importorskip("pyarrow")
@@ -263,7 +263,7 @@ def test_a_stream_needs_declared_steps(tmp_path):
 def test_the_real_jobs_train_bit_identically_on_the_old_and_new_paths(tmp_path, job):
     """The main job (MiniLM bert2bert on codespell) and the code-summary job, on a slice: their pairs as a Python
     list (the old path) and as a JSONL file (workers, Arrow cache, prefetch thread) give the same losses."""
-    from finetune.datasets import code_summary_pairs, codespell_pairs
+    from finetune.data.builtin import code_summary_pairs, codespell_pairs
     from finetune.methods import new_tensor_lr
     from finetune.models import bert2bert_by_name, set_dropout
 
@@ -408,7 +408,7 @@ def test_finetune_check_says_which_data_and_which_cache(tmp_path):
 
 
 def test_a_stream_of_shards_gives_each_rank_its_own_files(tmp_path):
-    from finetune.stream import Stream
+    from finetune.data.stream import Stream
 
     folder = tmp_path / "shards"
     folder.mkdir()

@@ -63,7 +63,7 @@ def test_qlora_trains_on_cuda_in_half_precision(tmp_path, precision):
     """QLoRA with a half-precision compute dtype: the public reports of NaN / a loss stuck at 0 on flan-t5 with fp16
     are T5's overflow (the engine warns) - on BART the loss must fall and stay finite."""
     pytest.importorskip("bitsandbytes")
-    from finetune.int4 import Int4Linear
+    from finetune.methods.int4 import Int4Linear
 
     model, tok = tiny_bart(d_model=64, layers=2)
     apply_method(model, "qlora", lora_r=8, lora_alpha=16)

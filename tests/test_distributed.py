@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from conftest import SPELLING
 from finetune import Engine, TrainConfig
-from finetune.checkpoint import CheckpointError
+from finetune.train.checkpoint import CheckpointError
 from finetune.models import tiny_bart
 
 DATA = SPELLING * 4  # 24 pairs: 3 global batches of 8 per epoch
@@ -39,7 +39,7 @@ def make(method: str, dropout: float = 0.0):
 
         bitfit(model)
     elif method == "lora":
-        from finetune.lora import apply_lora
+        from finetune.methods.lora import apply_lora
 
         apply_lora(model, r=4, alpha=8, dropout=dropout)
         with torch.no_grad():  # B != 0 so that A's gradients are not all zero either

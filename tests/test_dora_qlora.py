@@ -8,8 +8,8 @@ import torch
 
 from conftest import SPELLING, build
 from finetune import Engine, TrainConfig, load_seq2seq
-from finetune.adapters import load_adapter, save_adapter
-from finetune.lora import LoRALinear, apply_lora, lora_layers
+from finetune.methods.adapters import load_adapter, save_adapter
+from finetune.methods.lora import LoRALinear, apply_lora, lora_layers
 from finetune.methods import apply_method
 from test_lora import TARGETS
 
@@ -156,7 +156,7 @@ def test_dora_and_quant_settings_checked():
 # ----- 4-bit base weights -------------------------------------------------------------------------------------
 
 bnb = pytest.importorskip("bitsandbytes")
-from finetune.int4 import Int4Linear, quantize_4bit  # noqa: E402
+from finetune.methods.int4 import Int4Linear, quantize_4bit  # noqa: E402
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -229,7 +229,7 @@ def test_4bit_bf16_compute_leaves_the_float_bias_as_it_was():
 def test_lora_and_dora_over_quantised_bases_start_unchanged(quantize, dora):
     model, tok = build("bart")
     if quantize == "int8":
-        from finetune.int8 import quantize_int8
+        from finetune.methods.int8 import quantize_int8
         quantize_int8(model)
     else:
         quantize_4bit(model)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import SPELLING, build
-from finetune import Engine, TrainConfig, TrainingStopped, freeze
-from finetune.data import tokenize_pairs
+from finetune import Engine, TrainConfig, TrainingStopped
+from finetune.methods import freeze
+from finetune.data.tokenize import tokenize_pairs
 from finetune.models import tiny_bart, tiny_t5
 
 

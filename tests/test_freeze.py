@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import SPELLING, build
-from finetune import Engine, TrainConfig, bitfit, freeze, trainable_report, unfreeze
-from finetune.freeze import LinearWithAddedBias
+from finetune import Engine, TrainConfig, bitfit, trainable_report, unfreeze
+from finetune.methods import freeze
+from finetune.methods.freeze import LinearWithAddedBias
 from finetune.models import tiny_bart, tiny_t5
 
 

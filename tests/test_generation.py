@@ -8,7 +8,7 @@ import torch
 
 from finetune import Engine, TrainConfig
 from finetune.cli import main as cli_main
-from finetune.generation import SETTINGS
+from finetune.evaluate.generation import SETTINGS
 from finetune.models import tiny_bart, tiny_bert2bert
 
 TEXTS = ["teh wrod 3", "abc def ghi jkl", "a"]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from finetune import lora
+from finetune.methods import lora
 from finetune.methods import METHODS, method, settings_of
 from finetune.run_config import MethodSection
 

@@ -4,8 +4,8 @@ import torch
 
 from conftest import SPELLING, build
 from finetune import Engine, TrainConfig
-from finetune.adapters import load_adapter, save_adapter
-from finetune.lora import LoRALinear, apply_lora, lora_layers, merge_lora
+from finetune.methods.adapters import load_adapter, save_adapter
+from finetune.methods.lora import LoRALinear, apply_lora, lora_layers, merge_lora
 
 TARGETS = {"bart": ["q_proj", "v_proj"], "t5": ["q", "v"], "bert2bert": ["query", "value"]}
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import SPELLING, build
-from finetune.data import Collator, tokenize_pairs
-from finetune.loss import capture_hidden, fused_head_loss, fusable_head, token_loss
+from finetune.data.collate import Collator
+from finetune.data.tokenize import tokenize_pairs
+from finetune.train.loss import capture_hidden, fused_head_loss, fusable_head, token_loss
 from finetune.models import resolve_special_tokens
 
 INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
@@ -93,7 +94,7 @@ def test_fused_loss_frozen_head_and_inference_mode():
 
 
 def test_only_plain_linear_heads_are_fused():
-    from finetune.lora import apply_lora
+    from finetune.methods.lora import apply_lora
 
     model, _ = build("bart")
     assert fusable_head(model) is model.lm_head

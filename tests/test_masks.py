@@ -7,7 +7,7 @@ import torch
 from transformers.models.bart.modeling_bart import shift_tokens_right as bart_shift
 from transformers.models.encoder_decoder.modeling_encoder_decoder import shift_tokens_right as encdec_shift
 
-from finetune.masks import (IGNORE_INDEX, causal_mask, combine_masks, decoder_attention_mask, pad_inputs,
+from finetune.data.collate import (IGNORE_INDEX, causal_mask, combine_masks, decoder_attention_mask, pad_inputs,
                             pad_labels, padding_mask, shift_tokens_right, to_additive)
 from finetune.models import tiny_t5
 

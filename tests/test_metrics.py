@@ -1,6 +1,6 @@
 import pytest
 
-from finetune.metrics import GenerationMetrics, bucket, edit_distance
+from finetune.evaluate.metrics import GenerationMetrics, bucket, edit_distance
 
 
 @pytest.mark.parametrize("a,b,d", [("", "", 0), ("abc", "abc", 0), ("kitten", "sitting", 3), ("teh", "the", 2),

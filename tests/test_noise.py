@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from finetune.models import char_tokenizer
-from finetune.noise import NoiseConfig, infill_spans, add_noise, last_word_positions
+from finetune.data.noise import NoiseConfig, infill_spans, add_noise, last_word_positions
 
 TOK = char_tokenizer("bart")
 TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine! where is my hat?"

@@ -5,8 +5,8 @@ from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule
                           get_linear_schedule_with_warmup)
 
 from conftest import build
-from finetune import freeze
-from finetune.optim import build_adamw, lr_factor, param_groups
+from finetune.methods import freeze
+from finetune.train.optim import build_adamw, lr_factor, param_groups
 
 
 def membership(groups):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from finetune import Engine, TrainConfig, apply_method
-from finetune.checkpoint import CheckpointError
-from finetune.lora import lora_layers
+from finetune.train.checkpoint import CheckpointError
+from finetune.methods.lora import lora_layers
 from finetune.models import tiny_bart, tiny_t5
-from finetune.optim import OPTIMIZERS, optimizer_state_bytes, param_groups
+from finetune.train.optim import OPTIMIZERS, optimizer_state_bytes, param_groups
 
 DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(16)]
 
@@ -22,7 +22,7 @@ def cfg(out, **kw):
 
 def reference_optimizer(name, params, lr, model):
     """The implementation each name stands for, built by hand as its own documentation says."""
-    from finetune.optim import family_adam
+    from finetune.train.optim import family_adam
 
     betas, eps = family_adam(model)
     if name == "adamw":
@@ -189,7 +189,7 @@ def test_adafactor_at_an_adamw_sized_rate_is_said(tmp_path):
 
 def test_chunked_8bit_update_equals_bitsandbytes_whole_tensor_update():
     bnb = pytest.importorskip("bitsandbytes")
-    from finetune.optim import CHUNK, chunked_adamw8bit
+    from finetune.train.optim import CHUNK, chunked_adamw8bit
 
     torch.manual_seed(0)
     start = torch.randn(CHUNK * 2 + 1000)  # over two chunks, the last one partial

@@ -7,7 +7,7 @@ import pytest
 
 from finetune import Engine, TrainConfig
 from finetune.models import tiny_bart
-from finetune.recorder import numbers
+from finetune.train.recorder import numbers
 
 from test_best import DATA, EVAL
 from test_best import cfg as eight_steps
@@ -51,7 +51,7 @@ class Broken:
 
 
 def test_a_sink_that_fails_while_writing_never_loses_the_run(tmp_path, monkeypatch):
-    import finetune.recorder as recorder
+    import finetune.train.recorder as recorder
 
     monkeypatch.setitem(recorder.SINK_CLASSES, "tensorboard", Broken)
     engine = Engine(*tiny_bart(), cfg(tmp_path, report_to=["tensorboard"]))
@@ -62,7 +62,7 @@ def test_a_sink_that_fails_while_writing_never_loses_the_run(tmp_path, monkeypat
 
 
 def test_a_sink_that_cannot_start_stops_before_the_first_step(tmp_path, monkeypatch):
-    import finetune.recorder as recorder
+    import finetune.train.recorder as recorder
 
     class NoStart:
         name = "nostart"

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from finetune import DataError, Engine, TrainConfig, TrainingStopped, apply_lora, read_pairs
-from finetune.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
-from finetune.adapters import load_adapter, save_adapter
-from finetune.lora import lora_layers
+from finetune.train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
+from finetune.methods.adapters import load_adapter, save_adapter
+from finetune.methods.lora import lora_layers
 from finetune.methods import apply_method
 from finetune.models import ModelNotAvailable, load_seq2seq, tiny_bart, tiny_bert2bert, tiny_t5
-from finetune.outputs import OutputDirError
+from finetune.store.outputs import OutputDirError
 
 DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(24)]
 
@@ -119,7 +119,7 @@ def test_resuming_from_an_older_checkpoint_never_deletes_its_own_newest(tmp_path
 def test_a_second_process_on_the_output_dir_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from finetune.outputs import RunLock
+        from finetune.store.outputs import RunLock
         RunLock({str(tmp_path)!r}).acquire()
         print("locked", flush=True)
         time.sleep(60)
@@ -233,7 +233,7 @@ def test_a_folder_given_as_data_is_refused(tmp_path):
 # --- 7. model writes survive a kill at any instant ----------------------------------------------------
 
 def test_a_save_interrupted_between_two_renames_is_repaired(tmp_path, monkeypatch):
-    import finetune.outputs as outputs
+    import finetune.store.outputs as outputs
 
     model, tok = tiny_bart()
     engine = Engine(model, tok, cfg(tmp_path))
@@ -258,7 +258,7 @@ def test_a_save_interrupted_between_two_renames_is_repaired(tmp_path, monkeypatc
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatch):
-    import finetune.export as export
+    import finetune.store.export as export
 
     model, tok = tiny_bart()
     engine = Engine(model, tok, cfg(tmp_path))

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 
 from conftest import SPELLING
 from finetune import DataError, Engine, apply_method, read_pairs
-from finetune.checkpoint import CheckpointError
+from finetune.train.checkpoint import CheckpointError
 from finetune.cli import main
-from finetune.lora import LoRALinear
-from finetune.metrics import GenerationMetrics
+from finetune.methods.lora import LoRALinear
+from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart
-from finetune.quant import is_quantized
+from finetune.methods.quant import is_quantized
 from finetune.run_config import check_setup
-from finetune.runstate import Best
+from finetune.train.runstate import Best
 
 from test_best import DATA, EVAL, cfg, spoil_after  # the short run with validation those tests use
 
@@ -248,7 +248,7 @@ def test_rouge_of_an_identical_prediction_is_one_in_any_script(text):
 def test_rouge_tokens_on_ascii_text_are_rouge_scores_own():
     from rouge_score import rouge_scorer, tokenizers
 
-    from finetune.metrics import RougeTokenizer
+    from finetune.evaluate.metrics import RougeTokenizer
 
     texts = ["The cats were running quickly, weren't they?", "A 3-step plan: re-run tests_now & ship v2.0!",
              "generalisation of the transformers' attention", "x_y  z\tw\nthe END"]

@@ -1,0 +1,281 @@
+"""LoRA adapters on disk: save and load in our format and in PEFT's, converted by a fixed key rule.
+
+    ours   adapter.safetensors (the LoRA A/B weights under their names in the model, plus `also_train`
+           tensors) + adapter_config.json {"format": "finetune-lora", r, alpha, dropout, rslora, modules, ...}
+    PEFT   adapter_model.safetensors (keys `base_model.model.<module>.lora_A.weight`) + adapter_config.json
+           {"peft_type": "LORA", r, lora_alpha, target_modules, rank_pattern, alpha_pattern, ...}
+
+`load_adapter` reads and checks everything before it touches the model, so a bad adapter leaves it as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from torch import nn
+
+from finetune.store.export import BESIDE_MODEL
+from finetune.methods.lora import apply_lora, linear_layers, lora_layers, pattern_value, some_linear_names
+from finetune.patterns import compile_patterns
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+def _also_train_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    patterns = getattr(model, "lora_config", {}).get("also_train", [])
+    regexes = compile_patterns(patterns, "also_train") if patterns else []
+    return {n: p for n, p in model.named_parameters() if any(rx.search(n) for rx in regexes)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA A/B weights (and DoRA magnitudes) and the also_train tensors, under their names in the model."""
+    state = {n: p for n, p in model.named_parameters() if is_lora_key(n)}
+    state.update(_also_train_tensors(model))
+    return {n: t.detach().contiguous() for n, t in state.items()}
+
+
+def save_adapter(model: nn.Module, directory: str, format: str = "finetune", base_model: str | None = None) -> str:
+    """Write only the adapter: safetensors + a small JSON config. format='peft' writes PEFT's files and keys."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "lora_config", None)
+    if config is None or not lora_layers(model):
+        raise ValueError("save_adapter: the model has no LoRA layers (call apply_lora first)")
+    if any(m.merged for m in lora_layers(model).values()):
+        raise ValueError("save_adapter: the LoRA layers are merged; unmerge() them first")
+    os.makedirs(directory, exist_ok=True)
+    state = adapter_state_dict(model)
+    base_model = base_model or getattr(model.config, "_name_or_path", None) or None
+    if format == "finetune":
+        save_file(state, os.path.join(directory, ADAPTER_WEIGHTS))
+        meta = {"format": "finetune-lora", **config, "base_model": base_model}
+    elif format == "peft":
+        peft_state = {}
+        for name, tensor in state.items():
+            if is_lora_key(name):
+                peft_state[_to_peft_key(name)] = tensor
+            else:
+                raise ValueError(f"save_adapter(format='peft'): also_train tensor {name} has no PEFT key in this "
+                                 "exporter; save with format='finetune' or drop also_train")
+        save_file(peft_state, os.path.join(directory, PEFT_WEIGHTS))
+        meta = {
+            "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": config["r"], "lora_alpha": config["alpha"],
+            "lora_dropout": config["dropout"], "use_rslora": config["rslora"], "bias": "none",
+            "use_dora": bool(config.get("dora", False)),
+            "target_modules": config["modules"], "fan_in_fan_out": False, "init_lora_weights": True,
+            "rank_pattern": config.get("rank_pattern", {}), "alpha_pattern": config.get("alpha_pattern", {}),
+            "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model,
+        }
+    else:
+        raise ValueError(f"save_adapter: format must be 'finetune' or 'peft', got {format!r}")
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    return directory
+
+
+def load_adapter(model: nn.Module, directory: str) -> list[str]:
+    """Load an adapter folder (ours or PEFT's) into `model`, applying LoRA first if it has none yet.
+
+    Everything is read and checked before the model is touched - the config (required keys and their
+    types), the weights (every tensor has a place, of the right shape), the settings PEFT can express and this
+    layer cannot (refused, never ignored) - so a bad adapter leaves the model exactly as it was. Loaded into a
+    model that already has LoRA layers on the same modules, the adapter's alpha (scaling) replaces theirs.
+    """
+    settings, modules, state, weights = _read_adapter(os.fspath(directory))
+    existing = lora_layers(model)
+    if existing and sorted(existing) != sorted(modules):
+        raise ValueError(f"{directory}: the adapter wraps {len(modules)} modules (e.g. {modules[:2]}) and the model's "
+                         f"LoRA layers are {len(existing)} others (e.g. {sorted(existing)[:2]}); load it into a model "
+                         "without LoRA layers")
+    if any(m.merged for m in existing.values()):
+        raise ValueError(f"{directory}: the model's LoRA layers are merged; unmerge() them before loading an adapter")
+    mismatched = [n for n, layer in existing.items() if layer.dora != settings["dora"]]
+    if mismatched:
+        raise ValueError(f"{directory}: the adapter is {'DoRA' if settings['dora'] else 'plain LoRA'} and the model's "
+                         f"LoRA layers are not (e.g. {mismatched[0]}); load it into a model without LoRA layers")
+    _check_adapter_fits(model, directory, weights, settings, modules, state, existing)
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    had_config = getattr(model, "lora_config", None)
+    try:
+        if not existing:
+            apply_lora(model, targets=["^" + re.escape(m) + "$" for m in modules], **settings)
+        else:
+            for name, layer in existing.items():
+                layer.rslora = settings["rslora"]
+                layer.set_alpha(pattern_value(settings["alpha_pattern"], name, settings["alpha"]))
+            model.lora_config = {**(had_config or {}), "r": settings["r"], "alpha": settings["alpha"],
+                                 "rslora": settings["rslora"], "rank_pattern": settings["rank_pattern"],
+                                 "alpha_pattern": settings["alpha_pattern"], "modules": sorted(modules)}
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+    except Exception:
+        if not existing:  # put the plain layers back
+            for name, layer in lora_layers(model).items():
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        if had_config is None and hasattr(model, "lora_config"):
+            del model.lora_config
+        elif had_config is not None:
+            model.lora_config = had_config
+        raise
+    return sorted(state)
+
+
+def _read_adapter(directory: str):
+    """(settings for apply_lora, module names, tensors by model name, weights path) of an adapter folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such adapter folder")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: no adapter config (is this an adapter folder?)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
+
+    def need(key, kind, default=_REQUIRED):
+        value = meta.get(key, default)
+        if value is _REQUIRED:
+            raise ValueError(f"{config_path}: required key '{key}' is missing")
+        if value is not None and (isinstance(value, bool) and kind is not bool or not isinstance(value, kind)):
+            raise ValueError(f"{config_path}: '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+    number = (int, float)
+    if meta.get("peft_type") is not None:
+        if meta["peft_type"] != "LORA":
+            raise ValueError(f"{config_path}: peft_type {meta['peft_type']!r}: only LoRA adapters are supported")
+        unsupported = {"bias": meta.get("bias", "none") != "none",
+                       "modules_to_save": bool(meta.get("modules_to_save")),
+                       "layers_to_transform": meta.get("layers_to_transform") is not None,
+                       "fan_in_fan_out": bool(meta.get("fan_in_fan_out")),
+                       "lora_bias": bool(meta.get("lora_bias"))}
+        refused = [k for k, on in unsupported.items() if on]
+        if refused:
+            raise ValueError(f"{config_path}: this adapter uses PEFT settings this LoRA layer does not implement "
+                             f"({', '.join(f'{k}={meta.get(k)!r}' for k in refused)}); loading it would change the "
+                             "model differently than PEFT does")
+        weights = os.path.join(directory, PEFT_WEIGHTS)
+        settings = dict(r=need("r", int), alpha=need("lora_alpha", number), dropout=need("lora_dropout", number, 0.0),
+                        rslora=need("use_rslora", bool, False), dora=need("use_dora", bool, False) or False,
+                        also_train=(),
+                        rank_pattern=need("rank_pattern", dict, {}) or {},
+                        alpha_pattern=need("alpha_pattern", dict, {}) or {})
+        raw = _load_weights(weights, load_file, SafetensorError)
+        state = {_from_peft_key(k, weights): v for k, v in raw.items()}
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
+    elif meta.get("format") == "finetune-lora":
+        weights = os.path.join(directory, ADAPTER_WEIGHTS)
+        settings = dict(r=need("r", int), alpha=need("alpha", number), dropout=need("dropout", number, 0.0),
+                        rslora=need("rslora", bool, False), dora=need("dora", bool, False),
+                        also_train=need("also_train", list, []),
+                        rank_pattern=need("rank_pattern", dict, {}) or {},
+                        alpha_pattern=need("alpha_pattern", dict, {}) or {})
+        modules = need("modules", list)
+        if not all(isinstance(m, str) for m in modules):
+            raise ValueError(f"{config_path}: 'modules' must be a list of module names")
+        state = _load_weights(weights, load_file, SafetensorError)
+    else:
+        raise ValueError(f"{config_path}: neither a finetune nor a PEFT LoRA adapter config (no 'peft_type' or "
+                         "'format' key)")
+    if settings["r"] < 1 or not settings["alpha"] > 0 or not 0 <= settings["dropout"] < 1:
+        raise ValueError(f"{config_path}: r must be >= 1, alpha > 0 and dropout in [0, 1) (got r={settings['r']}, "
+                         f"alpha={settings['alpha']}, dropout={settings['dropout']})")
+    if not modules:
+        raise ValueError(f"{weights}: holds no LoRA tensors")
+    return settings, modules, state, weights
+
+
+_REQUIRED = object()
+
+
+def _load_weights(path, load_file, error_type):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing (the adapter's weights)")
+    try:
+        return load_file(path)
+    except (error_type, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _check_adapter_fits(model, directory, weights, settings, modules, state, existing) -> None:
+    """Every adapter tensor has a place in the model, of the shape the settings give it."""
+    linear = linear_layers(model)
+    expected = {}
+    for name in modules:
+        layer = existing.get(name) or linear.get(name)
+        if layer is None:
+            raise ValueError(f"{directory}: module {name!r} is not a linear layer of this model (a different base "
+                             f"model?); linear layers look like {some_linear_names(model)}")
+        r = existing[name].r if name in existing else pattern_value(settings["rank_pattern"], name, settings["r"])
+        expected[f"{name}.lora_A.weight"] = (r, layer.in_features)
+        expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
+        if settings["dora"]:
+            expected[f"{name}.lora_magnitude_vector.weight"] = (layer.out_features,)
+    params = dict(model.named_parameters())
+    for key, tensor in state.items():
+        plain = key if key in params else key.replace(".base_layer.", ".")  # a bias inside a layer LoRA will wrap
+        shape = expected.get(key) or (tuple(params[plain].shape) if plain in params and not is_lora_key(key) else None)
+        if shape is None:
+            raise ValueError(f"{weights}: tensor {key!r} has no place in this model (a different base model?)")
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{weights}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)} "
+                             "(a different r, or a different base model?)")
+    absent = sorted(set(expected) - set(state))
+    if absent:
+        raise ValueError(f"{weights}: missing LoRA tensors {absent[:3]}")
+
+
+def _from_peft_key(key: str, where: str = "PEFT adapter") -> str:
+    if not key.startswith(PEFT_PREFIX):
+        raise ValueError(f"{where}: unexpected key {key!r} (expected the prefix {PEFT_PREFIX!r})")
+    key = key[len(PEFT_PREFIX):]
+    key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector.weight", key)
+    return re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1.weight", key)
+
+
+def _to_peft_key(name: str) -> str:
+    """PEFT writes DoRA's magnitude without `.weight` (`...q_proj.lora_magnitude_vector`); A and B with it."""
+    if name.endswith(".lora_magnitude_vector.weight"):
+        name = name[:-len(".weight")]
+    return PEFT_PREFIX + name
+
+
+def is_lora_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
+
+
+def save_adapter_folder(model: nn.Module, path: str, log=print) -> str | None:
+    """A LoRA model's adapter alone into `path` (PEFT format; ours when it also trains whole tensors, which
+    PEFT's format cannot name), swapped in atomically. None when the model has no (unmerged) LoRA layers."""
+    import shutil
+
+    from finetune.store.outputs import replace_dir
+
+    layers = lora_layers(model)
+    if not layers or any(m.merged for m in layers.values()) or not hasattr(model, "lora_config"):
+        return None
+    path = os.path.abspath(os.fspath(path))
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    fmt = "finetune" if model.lora_config.get("also_train") else "peft"
+    save_adapter(model, path + ".tmp", format=fmt)
+    replace_dir(path + ".tmp", path)
+    log(f"adapter ({fmt} format) saved to {path}")
+    return path
+
+
+BESIDE_MODEL["adapter"] = save_adapter_folder  # OUTPUT_DIR/adapter beside model/ (finetune.store.export.save_outputs)

@@ -1,0 +1,259 @@
+"""The fine-tuning methods by name: the model surgery done once, before the optimizer is built.
+
+A method is a `Method`: its name, its settings (each declared once, as a `Setting` with its default, type and
+check), the learning rate it trains pretrained tensors at, and `apply(model, new_tensors, settings)`. `METHODS`
+lists the names in order; the CLI, run files (`[method]`), examples and benchmarks read the declarations, so
+adding a method (IA3, say) is one `register(Method(...))` in this module, with its layer in its own module.
+
+    full            every tensor trains
+    frozen-encoder  the encoder is frozen (tied tensors with it, such as a shared embedding, too)
+    bitfit          only biases (T5: zero-initialised added biases with add_missing_biases=True)
+    lora            LoRA adapters on the family's default (or given) targets; the rest frozen
+    int8-lora       int8 base weights (bitsandbytes) under LoRA adapters
+    dora            LoRA with DoRA's trained magnitude per output row (Liu et al., 2024)
+    lora-plus       LoRA+ (Hayou et al., 2024): LoRA whose B trains at 16x A's rate (setting lora_plus_ratio)
+    rslora          rsLoRA (Kalajdzievski, 2023): LoRA scaled by alpha / sqrt(r) (setting lora_rslora)
+    qlora           4-bit base weights (bitsandbytes NF4 or FP4, double quantisation) under LoRA adapters
+
+`new_tensors` (a warm-started bert2bert's cross-attention and LM-head transform: the names its load report
+gave as missing) always train in full: they start from random values, and no method may leave them random.
+`new_tensor_lr` gives them their own learning rate.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from finetune.methods import lora as lora_module
+from finetune.families import family_of
+from finetune.methods.freeze import bitfit, freeze, unfreeze
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a method: its name, default, type (for run files: int, float, bool, str, "regexes") and
+    `check(value)`, which returns what is wrong with a value or None."""
+    name: str
+    default: Any
+    kind: Any
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+
+    def validate(self, value, where: str = "method", prefix: str = ""):
+        """The value, checked (an int where a float is declared becomes a float); ValueError naming the setting
+        (`prefix` goes before its name in a value's error, e.g. "[method] ")."""
+        if self.kind == "regexes":
+            value = [value] if isinstance(value, str) else value
+            ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+            value = list(value) if ok and value is not None else value
+        elif self.kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        elif self.kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, self.kind)
+        if not ok:
+            raise ValueError(f"{where}: key '{self.name}' has {type(value).__name__} {value!r}, expected "
+                             f"{_KIND_NAMES.get(self.kind, self.kind)}")
+        problem = self.check(value) if self.check else None
+        if problem:
+            raise ValueError(f"{where}: {prefix}{self.name} = {value!r}: {problem}")
+        return value
+
+
+_KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+               "regexes": "a list of regex strings (or none)"}
+
+
+def _at_least_one(value):
+    return None if value >= 1 else "must be >= 1"
+
+
+def _positive(value):
+    return None if value > 0 else "must be > 0"
+
+
+def _unit(value):
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _one_of(*choices):
+    return lambda value: None if value in choices else f"choose one of {', '.join(map(repr, choices))}"
+
+
+LORA_SETTINGS = (
+    Setting("lora_targets", None, "regexes", doc="module-name regexes of the linear layers to wrap (default: the "
+            "family's query and value projections, finetune/families.py)"),
+    Setting("lora_r", lora_module.DEFAULT_R, int, _at_least_one, "adapter rank r"),
+    Setting("lora_alpha", lora_module.DEFAULT_ALPHA, float, _positive, "scale numerator (scale = alpha / r)"),
+    Setting("lora_dropout", lora_module.DEFAULT_DROPOUT, float, _unit, "dropout on the adapter's input"),
+    Setting("lora_rslora", False, bool, doc="rsLoRA: scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)"),
+    Setting("lora_plus_ratio", None, float, _positive, "LoRA+: B trains at this multiple of A's learning rate "
+            "(Hayou et al., 2024: 16); none: the same rate"),
+)
+ADAPTER_LR = 1e-3  # adapters and biases start from zero or train few tensors (benchmarks/results/spelling_recipes)
+FULL_LR = 2e-4  # full fine-tuning of the main job: 2e-4 beat 1e-4 and 3e-4 (benchmarks/results/spelling_recipes)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    apply: Callable  # (model, new_tensors: list[str], settings: dict) -> None
+    settings: tuple[Setting, ...] = ()
+    lr: float = FULL_LR  # the learning rate it trains the pretrained tensors at (the main job's default)
+    doc: str = ""
+    defaults: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", {s.name: s.default for s in self.settings})
+
+    def resolve(self, settings: dict | None = None, where: str | None = None, prefix: str = "") -> dict:
+        """Every setting's value: the given ones checked, the rest their defaults (a given None means unset).
+        A setting the method does not take is an error naming it."""
+        where = where or "apply_method"
+        given = {k: v for k, v in (settings or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{where}: method {self.name!r} takes no setting {', '.join(unknown)} (its settings: "
+                             f"{', '.join(self.defaults) or 'none'})")
+        by_name = {s.name: s for s in self.settings}
+        return {**self.defaults, **{k: by_name[k].validate(v, where, prefix) for k, v in given.items()}}
+
+    def __call__(self, model: nn.Module, new_tensors=(), **settings) -> nn.Module:
+        resolved = self.resolve(settings)
+        self.apply(model, list(new_tensors or ()), resolved)
+        return model
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"method {name!r}: choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def exact_names_pattern(names) -> str | None:
+    """One regex matching exactly these parameter names, with layer indices folded (`.3.` -> `.\\d+.`)."""
+    if not names:
+        return None
+    stems = sorted({re.escape(re.sub(r"\.\d+\.", ".#.", n)).replace("\\#", "#").replace("#", r"\d+") for n in names})
+    return "^(" + "|".join(stems) + ")$"
+
+
+def new_tensor_lr(new_tensors, lr: float | None) -> dict[str, float]:
+    """`lr_overrides` giving the newly initialised tensors their own learning rate (empty if none, or no rate).
+
+    Warm-started models mix pretrained tensors with new ones: a rate that moves the new ones in minutes wrecks
+    the pretrained ones, and the textbook rate barely moves the new ones (DESIGN.md)."""
+    pattern = exact_names_pattern(new_tensors)
+    return {pattern: lr} if pattern and lr else {}
+
+
+def encoder_pattern(model: nn.Module) -> str:
+    return family_of(model).encoder
+
+
+def _new(new_tensors) -> list[str]:
+    return [p for p in [exact_names_pattern(new_tensors)] if p]
+
+
+def _lora_placement(new_tensors) -> dict:
+    """Where adapters go around a warm-started model's new tensors: never on them (they train in full)."""
+    new_modules = exact_names_pattern({n.rsplit(".", 1)[0] for n in new_tensors})
+    return {"also_train": _new(new_tensors), "exclude": [new_modules] if new_modules else ()}
+
+
+def _lora_args(s: dict) -> dict:
+    return {"targets": s["lora_targets"], "r": s["lora_r"], "alpha": s["lora_alpha"], "dropout": s["lora_dropout"]}
+
+
+def with_defaults(settings: tuple[Setting, ...], **defaults) -> tuple[Setting, ...]:
+    """The same settings with other defaults (a method that is another's with different settings)."""
+    from dataclasses import replace
+
+    return tuple(replace(s, default=defaults[s.name]) if s.name in defaults else s for s in settings)
+
+
+def _frozen_encoder(model, new_tensors, s):
+    freeze(model, [encoder_pattern(model)])
+    if new_tensors:
+        unfreeze(model, _new(new_tensors))
+
+
+def _lora(model, new_tensors, s, dora: bool = False):
+    lora_module.apply_lora(model, dora=dora, rslora=s["lora_rslora"], **_lora_args(s), **_lora_placement(new_tensors))
+    if s["lora_plus_ratio"]:  # LoRA+: the optimizer's groups read the model's lr_scales (finetune.train.optim)
+        model.lr_scales = {**getattr(model, "lr_scales", {}), r"\.lora_B\.weight$": s["lora_plus_ratio"]}
+
+
+def _quantized_lora(quantize: Callable) -> Callable:
+    """Quantise the base (new tensors stay float: they train in full), then LoRA over it. The LoRA settings are
+    checked against the model first, so a refused target leaves the model unquantised and a corrected retry
+    works."""
+    def apply(model, new_tensors, s):
+        from finetune.methods.quant import prepare_quantized_training
+
+        lora_module.lora_plan(model, **_lora_args(s), **_lora_placement(new_tensors))
+        quantize(model, _new(new_tensors), s)
+        prepare_quantized_training(model)
+        _lora(model, new_tensors, s)
+    return apply
+
+
+def _int8(model, skip, s):
+    from finetune.methods.int8 import quantize_int8
+
+    quantize_int8(model, skip=skip, threshold=s["int8_threshold"])
+
+
+def _int4(model, skip, s):
+    from finetune.methods.int4 import quantize_4bit
+
+    quantize_4bit(model, skip=skip, quant_type=s["quant_type"], double_quant=s["double_quant"])
+
+
+register(Method("full", lambda model, new_tensors, s: None, doc="every tensor trains"))
+register(Method("frozen-encoder", _frozen_encoder, doc="the encoder is frozen (and tensors tied with it)"))
+register(Method("bitfit", lambda model, new_tensors, s: bitfit(
+    model, also=_new(new_tensors), add_missing_biases=s["add_missing_biases"]),
+    (Setting("add_missing_biases", False, bool, doc="T5 and other bias-free models: add zero-initialised biases"),),
+    lr=ADAPTER_LR, doc="only biases train"))
+register(Method("lora", _lora, LORA_SETTINGS, lr=ADAPTER_LR, doc="LoRA adapters; the rest frozen"))
+register(Method("int8-lora", _quantized_lora(_int8), LORA_SETTINGS + (
+    Setting("int8_threshold", 6.0, float, lambda v: None if v >= 0 else "must be >= 0",
+            "LLM.int8() outlier threshold (CUDA)"),), lr=ADAPTER_LR, doc="int8 base weights under LoRA"))
+register(Method("dora", lambda model, new_tensors, s: _lora(model, new_tensors, s, dora=True), LORA_SETTINGS,
+                lr=ADAPTER_LR, doc="LoRA with DoRA's trained magnitude per output row"))
+register(Method("lora-plus", _lora, with_defaults(LORA_SETTINGS, lora_plus_ratio=16.0), lr=FULL_LR,
+                doc="LoRA+: B at 16x A's learning rate (A at full fine-tuning's rate)"))
+register(Method("rslora", _lora, with_defaults(LORA_SETTINGS, lora_rslora=True), lr=ADAPTER_LR,
+                doc="rsLoRA: LoRA scaled by alpha / sqrt(r)"))
+register(Method("qlora", _quantized_lora(_int4), LORA_SETTINGS + (
+    Setting("quant_type", "nf4", str, _one_of("nf4", "fp4"), "4-bit code book"),
+    Setting("double_quant", True, bool, doc="quantise the block scales too")), lr=ADAPTER_LR,
+    doc="4-bit base weights (NF4 / FP4) under LoRA"))
+
+METHODS = tuple(REGISTRY)
+
+
+def settings_of(name: str) -> dict:
+    """The settings a method takes, with their defaults."""
+    return dict(method(name).defaults)
+
+
+def apply_method(model: nn.Module, name: str, new_tensors=(), **settings) -> nn.Module:
+    """Apply a registered method; a setting the method does not take, or a bad value, is an error naming it
+    (None means not set). Returns the model."""
+    return method(name)(model, new_tensors, **settings)

