@@ -74,9 +74,9 @@ def worker(args) -> dict:
     peak_window = peak_mib()
     engine.train_step(window)
     first = time.perf_counter()
-    return {"path": args.path, "pairs": len(run.examples), "num_proc": args.num_proc, "cache": args.cache_state,
+    return {"path": args.path, "pairs": len(run.data.examples), "num_proc": args.num_proc, "cache": args.cache_state,
             "prepare_s": round(prepared - started, 2), "start_s": round(first - started, 2),
-            "origin": getattr(run.examples, "origin", "list"),
+            "origin": getattr(run.data.examples, "origin", "list"),
             "peak_prepared_mib": peak_prepared, "peak_first_window_mib": peak_window, "peak_rss_mib": peak_mib(),
             "workers_cpu_s": round(children.ru_utime + children.ru_stime, 1),
             "workers_peak_rss_mib": round(children.ru_maxrss / 1024)}
@@ -140,10 +140,10 @@ def collate_times(jobs) -> dict:
         engine = Engine(built.model, built.tokenizer, TrainConfig(max_steps=1, progress=False, save_model=False,
                         output_dir=tempfile.mkdtemp(prefix="bench-collate-"), **shape))
         run = engine.prepare(pairs)
-        batches = run.sampler.batches(0)[:40]
+        batches = run.data.sampler.batches(0)[:40]
         started = time.perf_counter()
         for b in batches:
-            engine.collate([run.examples[i] for i in b])
+            engine.collate([run.data.examples[i] for i in b])
         out[job] = round(1000 * (time.perf_counter() - started) / len(batches), 2)
     return out
 

@@ -24,7 +24,8 @@ def cmd_train(args) -> int:
     from finetune.train.engine import Engine
     from finetune.methods.freeze import trainable_report
     from finetune.store.outputs import RunLock, claim_for_fresh_run
-    from finetune.run_config import build_run, load_run_config
+    from finetune.run_config import load_run_config
+    from finetune.run_build import build_run
 
     run = load_run_config(args.config, args.set)
     built = build_run(run)
@@ -47,7 +48,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from finetune.run_config import build_run, check_setup, load_run_config
+    from finetune.run_config import load_run_config
+    from finetune.run_build import build_run, check_setup
 
     built = build_run(load_run_config(args.config, args.set))
     report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps,

@@ -1,7 +1,7 @@
 """One row per model family: everything the engine does differently for BART, T5, bert2bert, ...
 
 Every module reads this table instead of its own `if model_type == ...`. Adding a family is one row here
-(plus a tiny builder in finetune/models/load.py for its tests). The fields:
+(plus a tiny builder in finetune/models/builders.py for its tests). The fields:
 
     lora_targets      regexes of the linear layers LoRA wraps by default (the query and value projections,
                       as people use LoRA: Hu et al., 2021, §7.1; PEFT's defaults)
@@ -19,6 +19,8 @@ Every module reads this table instead of its own `if model_type == ...`. Adding 
                       the fused loss adds itself (BART's `final_logits_bias`); None if there is none
     head_is_last      True where the logits are the output layer's (+ logits_bias) and nothing after it;
                       for a family not in this table the engine checks that on the first batch
+    unused_pooler     the encoder keeps BERT's pooler, which no seq2seq forward reads (bert2bert): it is
+                      frozen, and dropped when a saved model is reloaded
     tiny              name of the builder in finetune.models of a small random model for tests and smoke runs
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Family:
     head_is_last: bool = False
     tiny: str | None = None
     optimizer: str = "adamw"
+    unused_pooler: bool = False
 
 
 BART_TARGETS = (r"\.(q_proj|v_proj)$",)
@@ -61,7 +64,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("umt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
     Family("longt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
     # bert2bert: transformers' EncoderDecoderModel around BERT encoder and decoder
-    Family("encoder-decoder", BERT_TARGETS, ((0.9, 0.999), 1e-6), head_is_last=True, tiny="tiny_bert2bert"),
+    Family("encoder-decoder", BERT_TARGETS, ((0.9, 0.999), 1e-6), head_is_last=True, tiny="tiny_bert2bert",
+           unused_pooler=True),
     Family("bert", BERT_TARGETS, ((0.9, 0.999), 1e-6)),
 )}
 

@@ -16,12 +16,12 @@ Unknown sections and keys, and values of the wrong type, are errors naming the f
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import typing
 from dataclasses import dataclass, field
 
-from finetune.train.config import TrainConfig, fits
+from finetune.checks import check_table, fits, unknown_keys
+from finetune.train.config import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,10 +67,8 @@ class MethodSection:
                                  "regex strings")
             lists[key] = list(value)
         settings = {k: v for k, v in values.items() if k not in ("name", "freeze", "unfreeze")}
+        unknown_keys(settings, any_method | {"name", "freeze", "unfreeze"}, where)
         for key in settings:
-            if key not in any_method:
-                raise ValueError(f"{where}: unknown key '{key}' (known: name, freeze, unfreeze, and the method's "
-                                 f"settings: {', '.join(declared.defaults) or 'none'})")
             if key not in declared.defaults:
                 raise ValueError(f"{where}: [method] {key}: method {name!r} has no such setting (its settings: "
                                  f"{', '.join(declared.defaults) or 'none'})")
@@ -104,17 +102,10 @@ def _section(cls, values: dict, where: str):
         return TrainConfig.from_dict(values, where)
     if cls is MethodSection:
         return MethodSection.from_table(values, where)
+    if cls is NoiseConfig and not isinstance(values.get("protect", ""), str):
+        raise ValueError(f"{where}: key 'protect' must be a rule name such as \"last_word\"")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-        if key == "protect" and cls is NoiseConfig:
-            if not isinstance(value, str):
-                raise ValueError(f"{where}: key 'protect' must be a rule name such as \"last_word\"")
-            continue
-        if not fits(value, hints[key]):
-            raise ValueError(f"{where}: key '{key}' has {type(value).__name__} {value!r}, expected {hints[key]}")
+    check_table({k: v for k, v in values.items() if not (cls is NoiseConfig and k == "protect")}, hints, where)
     try:
         return cls(**values)
     except ValueError as err:
@@ -153,115 +144,3 @@ def load_run_config(path: str, overrides=()) -> RunConfig:
              if name != "noise"}
     noise = _section(NoiseConfig, raw["noise"], f"{path} [noise]") if "noise" in raw else None
     return RunConfig(noise=noise, **built)
-
-
-# ---------------------------------------------------------------------------------------------
-# From a run file to what the engine needs: the one path the `finetune` command and the examples share
-
-
-def tiny_models() -> dict[str, str]:
-    """'tiny-bart' -> 'tiny_bart': the families' tiny builders (finetune/families.py) by their run-file name."""
-    from finetune.families import FAMILIES
-
-    return {f.tiny.replace("_", "-"): f.tiny for f in FAMILIES.values() if f.tiny}
-
-
-def build_model(section: ModelSection):
-    """(model, tokenizer, newly initialised parameter names) for a [model] section."""
-    from finetune import models
-
-    tiny = tiny_models()
-    if section.name in tiny:
-        print(f"model {section.name}: a small RANDOMLY INITIALISED model with a character tokenizer")
-        model, tokenizer = getattr(models, tiny[section.name])()
-        return model, tokenizer, []
-    if section.name == "minilm" or section.bert2bert:
-        built = models.bert2bert_by_name(section.name)
-        return built.model, built.tokenizer, built.new_parameters
-    model, tokenizer = models.load_seq2seq(section.name)
-    return model, tokenizer, []
-
-
-def load_data(spec: str | None, limit: int | None, seed: int, source_field: str, target_field: str):
-    """A [data] entry: a file or folder path, "hf:PATH" (a datasets.save_to_disk folder), `codespell:SPLIT` or
-    `code-summary:SPLIT` (the real data built offline: finetune.data.builtin); `limit` takes the first n (the real data:
-    a seeded sample). A path without a limit is passed on as it is: the engine reads and caches it
-    (finetune.data.corpus)."""
-    from finetune.data.pairs import read_pairs
-
-    if spec is None:
-        return None
-    if spec.startswith("codespell:"):
-        from finetune.data.builtin import codespell_pairs
-
-        return codespell_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
-    if spec.startswith("code-summary:"):
-        from finetune.data.builtin import code_summary_pairs
-
-        return code_summary_pairs(spec.split(":", 1)[1], limit=limit, seed=seed)
-    if not limit:
-        from finetune.data.sources import open_source
-
-        open_source(spec, "[data]")  # a missing file or unknown format fails here; the engine reads it (cached)
-        return spec
-    return read_pairs(spec, source_field, target_field)[:limit]
-
-
-@dataclass
-class BuiltRun:
-    model: object
-    tokenizer: object
-    new_parameters: list[str]
-    config: TrainConfig
-    train: list
-    eval: list | None
-    noise: NoiseConfig | None
-
-
-def build_run(run: RunConfig) -> BuiltRun:
-    """The model with its method applied (and [method] freeze / unfreeze), the TrainConfig with the new tensors'
-    learning rate ([model] new_lr), and the data."""
-    from finetune.methods.freeze import freeze, unfreeze
-    from finetune.methods.registry import apply_method, new_tensor_lr
-
-    model, tokenizer, new = build_model(run.model)
-    if run.model.dropout is not None:
-        from finetune.models.adjust import set_dropout
-
-        set_dropout(model, run.model.dropout)
-    apply_method(model, run.method.name, new, **run.method.settings)
-    if run.method.freeze:
-        freeze(model, run.method.freeze)
-    if run.method.unfreeze:
-        unfreeze(model, run.method.unfreeze)
-    cfg = run.train
-    cfg.lr_overrides = {**new_tensor_lr(new, run.model.new_lr), **cfg.lr_overrides}
-    train = load_data(run.data.train, run.data.train_limit, cfg.seed, cfg.source_field, cfg.target_field)
-    evaluation = load_data(run.data.eval, run.data.eval_limit, cfg.seed, cfg.source_field, cfg.target_field)
-    return BuiltRun(model, tokenizer, new, cfg, train, evaluation, run.noise)
-
-
-def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int = 200, eval=None,
-                resume: bool = False):
-    """Build the engine (its special-token contract is the first check) and run `check` on it; for a fresh run
-    (not `resume`), also the output folder as `finetune train` will claim it."""
-    from finetune.train.engine import Engine
-    from finetune.store.outputs import OutputDirError, claim_for_fresh_run
-    from finetune.train.preflight import CheckReport, check
-
-    try:
-        engine = Engine(model, tokenizer, config)
-    except ValueError as err:
-        report = CheckReport()
-        report.add("FAIL", "special tokens" if "token" in str(err) else "setup", str(err))
-        return report
-    report = check(engine, train, new_parameters, steps, eval)
-    if not resume:
-        try:
-            replaced = claim_for_fresh_run(config.output_dir, config.overwrite_output_dir, dry_run=True)
-            report.add("WARN" if replaced else "PASS", "output folder",
-                       f"{config.output_dir}: " + (f"overwrite_output_dir replaces {', '.join(replaced)}" if replaced
-                                                    else "free for a fresh run"))
-        except OutputDirError as err:
-            report.add("FAIL", "output folder", f"{err} (or check with --resume)")
-    return report

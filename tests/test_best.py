@@ -12,7 +12,7 @@ from conftest import SPELLING
 from finetune import Engine, TrainConfig
 from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart, tiny_bert2bert
-from finetune.run_config import check_setup
+from finetune.run_build import check_setup
 from finetune.train.runstate import Best
 
 DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(16)]

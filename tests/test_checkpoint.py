@@ -227,3 +227,30 @@ def test_sigkill_partway_then_resume_from_disk(tmp_path):
     assert f"resumed from {path} at step {step}" in out, err
     after = [json.loads(x) for x in open(tmp_path / "metrics.jsonl").readlines()[written_before:]]
     assert after[0]["step"] == step + 1
+
+
+@pytest.mark.parametrize("name", ["bart-full", "t5-lora"])
+def test_a_checkpoint_written_before_the_sub_packages_resumes(tmp_path, name):
+    """tests/fixtures/checkpoint_262dfb4: step 3 of 6, written by the flat layout (commit 262dfb4, its make.py);
+    resumed here, the run ends on the weights that layout wrote at step 6 (exactly on a CPU like the one that
+    wrote them, within float error elsewhere)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from finetune import TrainConfig, apply_method
+    from finetune.models import tiny_bart, tiny_t5
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_262dfb4", name)
+    out = tmp_path / name
+    shutil.copytree(os.path.join(fixture, "step-00000003"), out / "checkpoints" / "step-00000003")
+    model, tok = (tiny_bart if name.startswith("bart") else tiny_t5)(d_model=32)
+    apply_method(model, name.split("-")[1])
+    cfg = TrainConfig(lr=3e-3, batch_size=4, max_steps=6, save_every=3, seed=3, progress=False, precision="fp32",
+                      optimizer="adamw", save_model=False, output_dir=str(out))
+    Engine(model, tok, cfg).fit([(f"teh wrod {i}", f"the word {i}") for i in range(16)], resume="latest")
+    expected = load_file(os.path.join(fixture, "final_model.safetensors"))
+    got = load_file(str(out / "checkpoints" / "step-00000006" / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)

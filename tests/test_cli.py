@@ -89,7 +89,7 @@ def test_config_errors_name_the_key(tmp_path, body, message):
 def test_model_dropout_reaches_every_dropout_layer(tmp_path):
     import torch
 
-    from finetune.run_config import build_run
+    from finetune.run_build import build_run
 
     config, _, _ = write_run(tmp_path)
     run = load_run_config(str(config), ["model.dropout=0.0"])

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from finetune.data.builtin import SPLITS, code_summaries, code_summary_pairs, name_baseline
-from finetune.run_config import load_data
+from finetune.run_build import load_data
 
 MODULE = '''
 """A module."""

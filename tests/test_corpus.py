@@ -336,7 +336,7 @@ def test_an_iterable_dataset_streams_like_the_file(tmp_path):
 
 
 def test_run_files_pass_paths_on_and_take_hf_paths(tmp_path):
-    from finetune.run_config import load_data
+    from finetune.run_build import load_data
 
     path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
     assert load_data(path, None, 0, "source", "target") == path  # read (and cached) by the engine
@@ -395,7 +395,7 @@ def test_a_damaged_parquet_file_is_named_with_the_row_where_reading_stopped(tmp_
 
 
 def test_finetune_check_says_which_data_and_which_cache(tmp_path):
-    from finetune.run_config import check_setup
+    from finetune.run_build import check_setup
 
     path = write_jsonl(tmp_path / "a.jsonl", PAIRS[:24])
     rows = []

@@ -21,7 +21,7 @@ from finetune.methods.lora import LoRALinear
 from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart
 from finetune.methods.quant import is_quantized
-from finetune.run_config import check_setup
+from finetune.run_build import check_setup
 from finetune.train.runstate import Best
 
 from test_best import DATA, EVAL, cfg, spoil_after  # the short run with validation those tests use

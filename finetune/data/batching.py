@@ -159,27 +159,39 @@ def lengths_of(examples) -> tuple[list[int], list[int]]:
 
 
 def training_sampler(config, examples, world: int = 1):
-    """The sampler of a run's training examples: a token budget (`max_tokens`) or `batch_size` x world examples
-    (global micro-batches; rank r takes every world-th example of each)."""
+    """The sampler of a run's training examples (`sampler_for`); rank r takes every world-th example of each
+    global micro-batch, so every rank must get one."""
     source, target = lengths_of(examples)
-    if config.max_tokens:
-        if world > 1 and len(examples) < world:
-            raise ValueError(f"{len(examples)} examples for {world} ranks: every rank needs one")
-        return TokenBudgetBatches(source, target, config.max_tokens, world, config.seed, config.group_by_length)
+    if config.max_tokens and world > 1 and len(examples) < world:
+        raise ValueError(f"{len(examples)} examples for {world} ranks: every rank needs one")
     leftover = len(examples) % (config.batch_size * world)
-    if world > 1 and 0 < leftover < world:  # some rank would get an empty micro-batch
+    if not config.max_tokens and world > 1 and 0 < leftover < world:  # some rank would get an empty micro-batch
         raise ValueError(f"{len(examples)} examples leave a last global batch of {leftover}, fewer than the "
                          f"{world} ranks; drop or add a few examples")
-    return LengthGroupedBatches([s + t for s, t in zip(source, target)], config.batch_size * world, config.seed,
+    return sampler_for(config, source, target, world, config.seed)
+
+
+def sampler_for(config, source: list[int], target: list[int], world: int, seed: int, whole_buffer: bool = False):
+    """The one place `max_tokens` chooses the batches: a token budget per rank (`TokenBudgetBatches`), or
+    `batch_size` x world examples grouped by length (`LengthGroupedBatches`). `whole_buffer`: a stream's buffer,
+    sorted whole by source length."""
+    if config.max_tokens:
+        return TokenBudgetBatches(source, target, config.max_tokens, world, seed, config.group_by_length)
+    if whole_buffer:
+        mega = max(1, -(-len(source) // config.batch_size))
+        return LengthGroupedBatches(source, config.batch_size, seed, config.group_by_length, True, mega)
+    return LengthGroupedBatches([s + t for s, t in zip(source, target)], config.batch_size * world, seed,
                                 config.group_by_length)
+
+
+def describe_batches(config) -> str:
+    """A micro-batch's size in words, for the log and `finetune check`."""
+    return f"of at most {config.max_tokens} padded tokens" if config.max_tokens else f"of {config.batch_size}"
 
 
 def schedule_of(config, sampler) -> tuple[int, int, int]:
     """(optimizer steps of the first epoch, total optimizer steps, epochs) of a run over `sampler`'s batches
     (`max_steps`, else `epochs` whole epochs)."""
-    if hasattr(sampler, "windows"):  # a stream (finetune.data.stream): max_steps, one "epoch"
-        return config.max_steps, config.max_steps, 1
-
     def steps(epoch):
         return math.ceil(sampler.num_batches(epoch) / config.grad_accum)
 

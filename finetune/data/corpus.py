@@ -17,6 +17,7 @@ Either way the result is finetune.data.columns.Examples: int32 columns, a sequen
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -110,8 +111,6 @@ def _tokenize_chunk(chunk):
 
 def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, num_proc: int) -> None:
     """Tokenise `source` into folder/examples.arrow + meta.json, written beside it and moved into place whole."""
-    import multiprocessing
-
     import pyarrow as pa
 
     schema = pa.schema([("source", pa.string()), ("target", pa.string()), ("input_ids", pa.list_(pa.int32())),
@@ -119,13 +118,12 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    started, counts, digest, pool = time.perf_counter(), [0, 0, 0], hashlib.sha256(), None
+    started, counts, digest = time.perf_counter(), [0, 0, 0], hashlib.sha256()
     try:
-        with open(os.path.join(tmp, "examples.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            def write(result):
-                if result is None:
-                    return
-                block, report, digests = result
+        chunks = _tokenised_chunks(source, (tokenizer, fields, lengths, decoder_start), num_proc)
+        with open(os.path.join(tmp, "examples.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
+                contextlib.closing(chunks):
+            for block, report, digests in chunks:
                 counts[0] += report.examples
                 counts[1] += report.truncated_sources
                 counts[2] += report.truncated_targets
@@ -135,30 +133,6 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
                     pa.array(block.sources, pa.string()), pa.array(block.targets, pa.string()),
                     pa.ListArray.from_arrays(offsets[0], pa.array(block.src_values)),
                     pa.ListArray.from_arrays(offsets[1], pa.array(block.tgt_values))], schema=schema))
-
-            args = (tokenizer, fields, lengths, decoder_start)
-            if num_proc <= 1:  # this process is the one worker (its tokenizer keeps its own threads)
-                _WORKER.update(tokenizer=tokenizer, fields=fields, lengths=lengths, decoder_start=decoder_start)
-                try:
-                    for chunk in source.chunks(*fields):
-                        write(_tokenize_chunk(chunk))
-                finally:
-                    _WORKER.clear()  # holds no tokenizer after the build
-            else:
-                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-                pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, args)
-                pending = collections.deque()
-                try:
-                    for chunk in source.chunks(*fields):
-                        pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
-                        while len(pending) >= 2 * num_proc:  # bounded: a few chunks in flight, never the file
-                            write(pending.popleft().get())
-                except DataError:
-                    while pending:  # a bad row in an earlier chunk is the one to report
-                        write(pending.popleft().get())
-                    raise
-                while pending:
-                    write(pending.popleft().get())
         if not counts[0]:
             raise source.no_pairs()
         seconds = time.perf_counter() - started
@@ -175,10 +149,48 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
             if not os.path.exists(os.path.join(folder, "meta.json")):  # not another process's finished copy
                 raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenised_chunks(source, args: tuple, num_proc: int):
+    """(block, report, digests) of each chunk of `source`, in file order: tokenised in this process (num_proc 1:
+    its tokenizer keeps its own threads) or in `num_proc` worker processes, a few chunks in flight, never the
+    file. A bad row raises here, the first in file order; the workers stop when this generator is closed."""
+    import multiprocessing
+
+    tokenizer, fields, lengths, decoder_start = args
+    if num_proc <= 1:
+        _WORKER.update(tokenizer=tokenizer, fields=fields, lengths=lengths, decoder_start=decoder_start)
+        try:
+            for chunk in source.chunks(*fields):
+                result = _tokenize_chunk(chunk)
+                if result is not None:
+                    yield result
+        finally:
+            _WORKER.clear()  # holds no tokenizer after the build
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, args)
+    pending = collections.deque()
+    try:
+        try:
+            for chunk in source.chunks(*fields):
+                pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+                while len(pending) >= 2 * num_proc:
+                    result = pending.popleft().get()
+                    if result is not None:
+                        yield result
+        except DataError:
+            while pending:  # a bad row in an earlier chunk is the one to report
+                pending.popleft().get()
+            raise
+        while pending:
+            result = pending.popleft().get()
+            if result is not None:
+                yield result
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from finetune.checks import is_finite_number
 
 Protect = Callable[[list[int], object], set]
 
@@ -40,8 +41,7 @@ class NoiseConfig:
     def __post_init__(self):
         for name in ("mask_rate", "delete_rate", "infill_rate", "poisson_lambda"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
-                    float("inf"), float("-inf")):
+            if not is_finite_number(value):
                 raise ValueError(f"NoiseConfig.{name}={value!r}: must be a finite number")
         for name in ("permute_sentences", "rotate"):
             if not isinstance(getattr(self, name), bool):

@@ -20,21 +20,26 @@ import hashlib
 import json
 import os
 
-from finetune.data.batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction
+from finetune.data.batching import padding_fraction, sampler_for
 from finetune.data.columns import in_memory
-from finetune.data.feed import noised
 from finetune.data.sources import DataError, file_chunks, is_dataset, is_stream, mapping_pair, open_source, parse_chunk
+
+
+def check_stream_settings(config) -> None:
+    """A streamed run lasts `max_steps` (it cannot count its steps from data it has not read) in one "epoch":
+    checked by TrainConfig for streaming=True, and here for a datasets.IterableDataset given without it."""
+    if not config.max_steps:
+        raise ValueError(f"TrainConfig.max_steps={config.max_steps!r}: a streamed run reads its data as it goes, so "
+                         "it cannot count its steps from the data; declare how many optimizer steps to take")
+    if config.epochs != 1:
+        raise ValueError(f"TrainConfig.epochs={config.epochs}: a streamed run lasts max_steps, passing over the "
+                         "data as often as that takes: leave epochs at 1")
 
 
 class Stream:
     def __init__(self, data, tokenizer, config, decoder_start: int, rank: int = 0, world: int = 1,
                  name: str = "training data"):
-        if not config.max_steps:
-            raise ValueError("TrainConfig.max_steps: a streamed run reads its data as it goes, so it cannot count "
-                             "its steps from the data; declare how many optimizer steps to take")
-        if config.epochs != 1:
-            raise ValueError(f"TrainConfig.epochs={config.epochs}: a streamed run lasts max_steps, passing over the "
-                             "data as often as that takes: leave epochs at 1")
+        check_stream_settings(config)
         self.data, self.tokenizer, self.config, self.decoder_start = data, tokenizer, config, decoder_start
         self.rank, self.world, self.name = rank, world, name
         if not (is_stream(data) or isinstance(data, (str, os.PathLike)) or is_dataset(data)):
@@ -110,20 +115,38 @@ class Stream:
     # windows
 
     def sampler(self, examples, p: int, b: int):
-        cfg = self.config
-        seed = (cfg.seed * 1_000_003 + p) * 1_000_003 + b  # a different shuffle for every buffer of every pass
-        source = examples.source_lengths.tolist()
-        if cfg.max_tokens:
-            return TokenBudgetBatches(source, examples.target_lengths.tolist(), cfg.max_tokens, 1, seed,
-                                      cfg.group_by_length, True)
-        mega = max(1, -(-len(source) // cfg.batch_size))  # the whole buffer sorted by length
-        return LengthGroupedBatches(source, cfg.batch_size, seed, cfg.group_by_length, True, mega)
+        """The batches of one buffer: the run's sampler (finetune.data.batching.sampler_for) over the whole buffer,
+        shuffled by (seed, pass, buffer)."""
+        seed = (self.config.seed * 1_000_003 + p) * 1_000_003 + b  # a different shuffle for every buffer of every pass
+        return sampler_for(self.config, examples.source_lengths.tolist(), examples.target_lengths.tolist(), 1, seed,
+                           whole_buffer=True)
 
-    def windows(self, engine, start_index: int, steps: int):
-        """(index, window, position) for `steps` windows, from the resume position (if any)."""
+    def schedule(self) -> tuple[int, int, int]:
+        """A stream has no epochs: `max_steps` steps, counted as one epoch."""
+        return self.config.max_steps, self.config.max_steps, 1
+
+    def resume(self, state: dict, rank: int) -> None:
+        """Pick up at this rank's stream position of a checkpoint's progress."""
+        self.resume_at = state["stream"][rank]
+
+    def sample(self):
+        """(pairs, examples, where they came from) of the first buffer, for `finetune check`."""
+        pairs = [(s, t) for _, s, t in next(self.buffers(0, 0))[2]]
+        examples = in_memory(pairs, self.tokenizer, self.config.max_source_length, self.config.max_target_length,
+                             self.decoder_start)
+        return pairs, examples, f"{self.description}; checked here: its first buffer of {len(pairs)} rows"
+
+    def first_batches(self):
+        """(batches, examples) of the first buffer."""
+        _, examples, _ = self.sample()
+        return self.sampler(examples, 0, 0).batches(0), examples
+
+    def windows(self, epoch: int, start: tuple[int, int], steps: int, collate, noised, log):
+        """(index, window, state) for `steps` windows from the resume position (if any); the state holds the
+        position a resume after that window picks up at, and the buffer's padding share."""
         cfg = self.config
         at = self.resume_at or {"pass": 0, "buffer": 0, "batch": 0}
-        index, pending, log = start_index, [], engine.recorder.log
+        index, pending = start[1] if start[0] == epoch else 0, []
         if steps <= 0:
             return
         for p, b, rows in self.buffers(at["pass"], at["buffer"]):
@@ -136,12 +159,12 @@ class Stream:
                 f"padding {padding:.1%}; {examples.report}")
             first = at["batch"] if (p, b) == (at["pass"], at["buffer"]) else 0
             for j in range(first, len(batches)):
-                pending.append(engine.collate([noised(engine, examples[i], p, rows[i][0]) for i in batches[j]]))
+                pending.append(collate([noised(examples[i], p, rows[i][0]) for i in batches[j]]))
                 if len(pending) == cfg.grad_accum:
                     position = {"pass": p, "buffer": b, "batch": j + 1, "padding": padding}
                     if j + 1 == len(batches):
                         position.update(buffer=b + 1, batch=0)
-                    yield index, pending, position
+                    yield index, pending, {"padding": padding, "position": position}
                     index, pending, steps = index + 1, [], steps - 1
                     if steps == 0:
                         return

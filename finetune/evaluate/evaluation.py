@@ -18,6 +18,7 @@ from finetune.evaluate.generation import generate_kwargs
 from finetune.data.collate import IGNORE_INDEX
 from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models.tokens import check_length
+from finetune.checks import is_integer
 
 
 @torch.inference_mode()
@@ -87,7 +88,7 @@ def generate(engine, texts, num_beams: int | None = None, max_new_tokens: int | 
 
 def check_generation(model, num_beams, max_new_tokens) -> None:
     for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and not (is_integer(value) and value >= 1):
             raise ValueError(f"{name}={value!r}: must be an integer >= 1")
     if max_new_tokens is not None:
         check_length(model, "max_new_tokens", max_new_tokens, "max_new_tokens")

@@ -4,18 +4,13 @@ generation config decides, so a summarisation checkpoint keeps its length penalt
 first token)."""
 from __future__ import annotations
 
-import math
+from finetune.checks import is_finite_number, is_integer
 
 SETTINGS = ("length_penalty", "early_stopping", "no_repeat_ngram_size", "min_new_tokens", "repetition_penalty")
 BEAM_ONLY = ("length_penalty", "early_stopping")  # act in beam search only
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_number, _integer = is_finite_number, is_integer
 
 
 CHECKS = {

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,13 +18,17 @@ import torch
 from torch import nn
 
 from finetune.store.export import BESIDE_MODEL
-from finetune.methods.lora import apply_lora, linear_layers, lora_layers, pattern_value, some_linear_names
+from finetune.methods.lora import apply_lora, check_lora_settings, linear_layers, lora_layers, pattern_value, some_linear_names
 from finetune.patterns import compile_patterns
+from finetune.methods.surgery import replace_module
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+
+_REQUIRED = object()  # an adapter config's key without a default
+
 
 def _also_train_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     patterns = getattr(model, "lora_config", {}).get("also_train", [])
@@ -117,8 +122,7 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
     except Exception:
         if not existing:  # put the plain layers back
             for name, layer in lora_layers(model).items():
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+                replace_module(model, name, layer.base_layer)
         for p in model.parameters():
             p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
         if had_config is None and hasattr(model, "lora_config"):
@@ -131,10 +135,32 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
 
 def _read_adapter(directory: str):
     """(settings for apply_lora, module names, tensors by model name, weights path) of an adapter folder."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     config_path = os.path.join(directory, ADAPTER_CONFIG)
+    meta = _read_config(directory, config_path)
+    need = functools.partial(_need, meta, config_path)
+    if meta.get("peft_type") is not None:
+        settings, modules, state, weights = _read_peft(directory, config_path, meta, need)
+    elif meta.get("format") == "finetune-lora":
+        weights = os.path.join(directory, ADAPTER_WEIGHTS)
+        settings = dict(r=need("r", int), alpha=need("alpha", _NUMBER), dropout=need("dropout", _NUMBER, 0.0),
+                        rslora=need("rslora", bool, False), dora=need("dora", bool, False),
+                        also_train=need("also_train", list, []),
+                        rank_pattern=need("rank_pattern", dict, {}) or {},
+                        alpha_pattern=need("alpha_pattern", dict, {}) or {})
+        modules = need("modules", list)
+        if not all(isinstance(m, str) for m in modules):
+            raise ValueError(f"{config_path}: 'modules' must be a list of module names")
+        state = _load_weights(weights)
+    else:
+        raise ValueError(f"{config_path}: neither a finetune nor a PEFT LoRA adapter config (no 'peft_type' or "
+                         "'format' key)")
+    check_lora_settings(config_path, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"])
+    if not modules:
+        raise ValueError(f"{weights}: holds no LoRA tensors")
+    return settings, modules, state, weights
+
+
+def _read_config(directory: str, config_path: str) -> dict:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such adapter folder")
     if not os.path.exists(config_path):
@@ -146,69 +172,56 @@ def _read_adapter(directory: str):
         raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
-    def need(key, kind, default=_REQUIRED):
-        value = meta.get(key, default)
-        if value is _REQUIRED:
-            raise ValueError(f"{config_path}: required key '{key}' is missing")
-        if value is not None and (isinstance(value, bool) and kind is not bool or not isinstance(value, kind)):
-            raise ValueError(f"{config_path}: '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
-        return value
 
-    number = (int, float)
-    if meta.get("peft_type") is not None:
-        if meta["peft_type"] != "LORA":
-            raise ValueError(f"{config_path}: peft_type {meta['peft_type']!r}: only LoRA adapters are supported")
-        unsupported = {"bias": meta.get("bias", "none") != "none",
-                       "modules_to_save": bool(meta.get("modules_to_save")),
-                       "layers_to_transform": meta.get("layers_to_transform") is not None,
-                       "fan_in_fan_out": bool(meta.get("fan_in_fan_out")),
-                       "lora_bias": bool(meta.get("lora_bias"))}
-        refused = [k for k, on in unsupported.items() if on]
-        if refused:
-            raise ValueError(f"{config_path}: this adapter uses PEFT settings this LoRA layer does not implement "
-                             f"({', '.join(f'{k}={meta.get(k)!r}' for k in refused)}); loading it would change the "
-                             "model differently than PEFT does")
-        weights = os.path.join(directory, PEFT_WEIGHTS)
-        settings = dict(r=need("r", int), alpha=need("lora_alpha", number), dropout=need("lora_dropout", number, 0.0),
-                        rslora=need("use_rslora", bool, False), dora=need("use_dora", bool, False) or False,
-                        also_train=(),
-                        rank_pattern=need("rank_pattern", dict, {}) or {},
-                        alpha_pattern=need("alpha_pattern", dict, {}) or {})
-        raw = _load_weights(weights, load_file, SafetensorError)
-        state = {_from_peft_key(k, weights): v for k, v in raw.items()}
-        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
-    elif meta.get("format") == "finetune-lora":
-        weights = os.path.join(directory, ADAPTER_WEIGHTS)
-        settings = dict(r=need("r", int), alpha=need("alpha", number), dropout=need("dropout", number, 0.0),
-                        rslora=need("rslora", bool, False), dora=need("dora", bool, False),
-                        also_train=need("also_train", list, []),
-                        rank_pattern=need("rank_pattern", dict, {}) or {},
-                        alpha_pattern=need("alpha_pattern", dict, {}) or {})
-        modules = need("modules", list)
-        if not all(isinstance(m, str) for m in modules):
-            raise ValueError(f"{config_path}: 'modules' must be a list of module names")
-        state = _load_weights(weights, load_file, SafetensorError)
-    else:
-        raise ValueError(f"{config_path}: neither a finetune nor a PEFT LoRA adapter config (no 'peft_type' or "
-                         "'format' key)")
-    if settings["r"] < 1 or not settings["alpha"] > 0 or not 0 <= settings["dropout"] < 1:
-        raise ValueError(f"{config_path}: r must be >= 1, alpha > 0 and dropout in [0, 1) (got r={settings['r']}, "
-                         f"alpha={settings['alpha']}, dropout={settings['dropout']})")
-    if not modules:
-        raise ValueError(f"{weights}: holds no LoRA tensors")
+def _need(meta: dict, config_path: str, key: str, kind, default=_REQUIRED):
+    """meta[key], of type `kind` (a bool is no number), or `default` when absent; a required key must be there."""
+    value = meta.get(key, default)
+    if value is _REQUIRED:
+        raise ValueError(f"{config_path}: required key '{key}' is missing")
+    if value is not None and (isinstance(value, bool) and kind is not bool or not isinstance(value, kind)):
+        raise ValueError(f"{config_path}: '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _read_peft(directory: str, config_path: str, meta: dict, need):
+    """A PEFT LoRA adapter: its settings (refusing the PEFT options this layer does not implement) and tensors."""
+    if meta["peft_type"] != "LORA":
+        raise ValueError(f"{config_path}: peft_type {meta['peft_type']!r}: only LoRA adapters are supported")
+    unsupported = {"bias": meta.get("bias", "none") != "none",
+                   "modules_to_save": bool(meta.get("modules_to_save")),
+                   "layers_to_transform": meta.get("layers_to_transform") is not None,
+                   "fan_in_fan_out": bool(meta.get("fan_in_fan_out")),
+                   "lora_bias": bool(meta.get("lora_bias"))}
+    refused = [k for k, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(f"{config_path}: this adapter uses PEFT settings this LoRA layer does not implement "
+                         f"({', '.join(f'{k}={meta.get(k)!r}' for k in refused)}); loading it would change the "
+                         "model differently than PEFT does")
+    weights = os.path.join(directory, PEFT_WEIGHTS)
+    settings = dict(r=need("r", int), alpha=need("lora_alpha", _NUMBER), dropout=need("lora_dropout", _NUMBER, 0.0),
+                    rslora=need("use_rslora", bool, False), dora=need("use_dora", bool, False) or False,
+                    also_train=(),
+                    rank_pattern=need("rank_pattern", dict, {}) or {},
+                    alpha_pattern=need("alpha_pattern", dict, {}) or {})
+    state = {_from_peft_key(k, weights): v for k, v in _load_weights(weights).items()}
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
     return settings, modules, state, weights
 
 
-_REQUIRED = object()
+_NUMBER = (int, float)
 
 
-def _load_weights(path, load_file, error_type):
+def _load_weights(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (the adapter's weights)")
     try:
         return load_file(path)
-    except (error_type, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from finetune.patterns import compile_patterns
+from finetune.methods.surgery import replace_module
 
 
 def tensor_names(model: nn.Module) -> dict[int, list[str]]:
@@ -176,9 +177,7 @@ def add_biases_to(model: nn.Module, names) -> None:
         if type(layer) is not nn.Linear or layer.bias is not None:
             raise ValueError(f"added bias for layer {name!r}: expected a bias-free nn.Linear, found "
                              f"{type(layer).__name__}")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LinearWithAddedBias(layer))
+        replace_module(model, name, LinearWithAddedBias(layer))
 
 
 def _add_biases(model: nn.Module) -> int:

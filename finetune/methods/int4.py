@@ -21,16 +21,20 @@ from finetune.methods.quant import QuantizedLinear, QuantizeReport, bitsandbytes
 QUANT_TYPES = ("nf4", "fp4")
 
 
+def check_4bit_settings(where: str, quant_type, double_quant) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{where}: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if not isinstance(double_quant, bool):
+        raise ValueError(f"{where}: double_quant must be true or false, got {double_quant!r}")
+
+
 class Int4Linear(QuantizedLinear):
     """A frozen 4-bit copy of an nn.Linear: forward, `dequantize()` back to float, and a repr of what it holds."""
 
     def __init__(self, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
                  compute_dtype: torch.dtype | None = None):
         super().__init__()
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"Int4Linear: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        if not isinstance(double_quant, bool):
-            raise ValueError(f"Int4Linear: double_quant must be true or false, got {double_quant!r}")
+        check_4bit_settings("Int4Linear", quant_type, double_quant)
         bnb = bitsandbytes_module("4-bit")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quant_type, self.double_quant = quant_type, double_quant
@@ -87,10 +91,7 @@ def quantize_4bit(model: nn.Module, skip=(), quant_type: str = "nf4", double_qua
     """Replace nn.Linear layers by Int4Linear, except the LM head and modules whose name (or whose weight's
     name) matches a `skip` regex. Embeddings and 1-D tensors stay float (`prepare_quantized_training` then
     makes them float32)."""
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quantize_4bit: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    if not isinstance(double_quant, bool):
-        raise ValueError(f"quantize_4bit: double_quant must be true or false, got {double_quant!r}")
+    check_4bit_settings("quantize_4bit", quant_type, double_quant)
     bitsandbytes_module("4-bit")
     return replace_linears(model, lambda linear: Int4Linear(linear, quant_type, double_quant, compute_dtype), skip,
                            f"quantize_4bit ({quant_type})")

@@ -16,12 +16,34 @@ import re
 import torch
 from torch import nn
 
+from finetune.checks import is_finite_number, is_integer
 from finetune.families import family_of
 from finetune.methods.freeze import freeze_all, unfreeze
 from finetune.patterns import compile_patterns
 from finetune.methods.quant import is_quantized
+from finetune.methods.surgery import replace_module
 
-DEFAULT_R, DEFAULT_ALPHA, DEFAULT_DROPOUT = 16, 32.0, 0.05  # as people use LoRA (DESIGN.md); written here only
+DEFAULT_R, DEFAULT_ALPHA, DEFAULT_DROPOUT = 16, 32.0, 0.05  # as people use LoRA (Hu et al., 2021; PEFT); written here only
+# LoRA's settings: (the type, the range and the range in words): checked here only (`lora_problem`)
+_LORA_RULES = {"r": (is_integer, lambda v: v >= 1, ">= 1"), "alpha": (is_finite_number, lambda v: v > 0, "> 0"),
+               "dropout": (is_finite_number, lambda v: 0 <= v < 1, "in [0, 1)")}
+
+
+def lora_problem(name: str, value) -> str | None:
+    """What is wrong with a value of LoRA's `r`, `alpha` or `dropout`, or None: the one check of them, used by
+    the layer, `apply_lora`, the methods' settings and the adapter files."""
+    kind, ok, words = _LORA_RULES[name]
+    if not kind(value):
+        return f"must be {'an integer' if kind is is_integer else 'a finite number'} {words}"
+    return None if ok(value) else f"must be {words}"
+
+
+def check_lora_settings(where: str, **values) -> None:
+    """ValueError naming the first of `values` (r, alpha, dropout) that `lora_problem` refuses."""
+    for name, value in values.items():
+        problem = lora_problem(name, value)
+        if problem:
+            raise ValueError(f"{where}: {name} {problem}, got {value!r}")
 
 
 class Magnitude(nn.Module):
@@ -57,8 +79,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
                  dropout: float = DEFAULT_DROPOUT, rslora: bool = False, dora: bool = False):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"LoRALinear: r must be >= 1, got {r}")
+        check_lora_settings("LoRALinear", r=r, alpha=alpha, dropout=dropout)
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.rslora, self.dora = r, rslora, bool(dora)
@@ -227,24 +248,14 @@ def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float =
     patterns, names of the linear layers to wrap). A bad setting, or a target pattern that matches no linear
     layer, is an error naming it. Methods that quantise the base first (int8-lora, qlora) call this before they
     quantise, so a refused setting leaves the model as it was."""
-    for what, value in (("r", r), ("alpha", alpha), ("dropout", dropout)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"apply_lora: {what} must be a finite number, got {value!r}")
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"apply_lora: r must be an integer >= 1, got {r!r}")
+    check_lora_settings("apply_lora", r=r, alpha=alpha, dropout=dropout)
     if not isinstance(dora, bool):
         raise ValueError(f"apply_lora: dora must be true or false, got {dora!r}")
-    if alpha <= 0:
-        raise ValueError(f"apply_lora: alpha must be > 0, got {alpha!r}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"apply_lora: dropout must be in [0, 1), got {dropout!r}")
     compile_patterns(list(rank_pattern or {}) + list(alpha_pattern or {}), "apply_lora rank_pattern/alpha_pattern")
     for key, value in (rank_pattern or {}).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"apply_lora: rank_pattern[{key!r}] must be an integer >= 1, got {value!r}")
+        check_lora_settings(f"apply_lora: rank_pattern[{key!r}]", r=value)
     for key, value in (alpha_pattern or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"apply_lora: alpha_pattern[{key!r}] must be a number > 0, got {value!r}")
+        check_lora_settings(f"apply_lora: alpha_pattern[{key!r}]", alpha=value)
     names_now = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     idle = [rx.pattern for rx in compile_patterns(also_train, "apply_lora also_train")
             if not any(rx.search(n) for n in names_now)]
@@ -290,11 +301,9 @@ def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float 
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for name in wrapped:
         module = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, r=pattern_value(rank_pattern, name, r),
-                                          alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
-                                          rslora=rslora, dora=dora))
+        replace_module(model, name, LoRALinear(module, r=pattern_value(rank_pattern, name, r),
+                                               alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
+                                               rslora=rslora, dora=dora))
     freeze_all(model)
     for module in model.modules():
         if isinstance(module, LoRALinear):
@@ -328,9 +337,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             base = base.dequantize()
             layer.base_layer = base
         layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, base)
+        replace_module(model, name, base)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from finetune.patterns import compile_patterns
+from finetune.methods.surgery import replace_module
 
 
 def bitsandbytes_module(what: str = "int8"):
@@ -99,12 +100,10 @@ def replace_linears(model: nn.Module, make, skip, what: str) -> QuantizeReport:
             continue
         if any(rx.search(name) or rx.search(name + ".weight") for rx in skip_res):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         before += module.weight.numel() * module.weight.element_size()
         new = make(module)
         after += new.weight_bytes()
-        setattr(parent, child, new)
+        replace_module(model, name, new)
         replaced += 1
     if not replaced:
         raise ValueError(f"{what}: no nn.Linear layer to quantise (all skipped?)")

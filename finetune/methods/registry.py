@@ -21,15 +21,15 @@ gave as missing) always train in full: they start from random values, and no met
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
-from finetune.methods import lora as lora_module
+from finetune.checks import is_finite_number, is_integer
 from finetune.families import family_of
+from finetune.methods import lora as lora_module
 from finetune.methods.freeze import bitfit, freeze, unfreeze
 
 
@@ -51,10 +51,10 @@ class Setting:
             ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
             value = list(value) if ok and value is not None else value
         elif self.kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = is_finite_number(value)
             value = float(value) if ok else value
         elif self.kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = is_integer(value)
         else:
             ok = isinstance(value, self.kind)
         if not ok:
@@ -70,16 +70,8 @@ _KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false
                "regexes": "a list of regex strings (or none)"}
 
 
-def _at_least_one(value):
-    return None if value >= 1 else "must be >= 1"
-
-
 def _positive(value):
     return None if value > 0 else "must be > 0"
-
-
-def _unit(value):
-    return None if 0 <= value < 1 else "must be in [0, 1)"
 
 
 def _one_of(*choices):
@@ -89,9 +81,11 @@ def _one_of(*choices):
 LORA_SETTINGS = (
     Setting("lora_targets", None, "regexes", doc="module-name regexes of the linear layers to wrap (default: the "
             "family's query and value projections, finetune/families.py)"),
-    Setting("lora_r", lora_module.DEFAULT_R, int, _at_least_one, "adapter rank r"),
-    Setting("lora_alpha", lora_module.DEFAULT_ALPHA, float, _positive, "scale numerator (scale = alpha / r)"),
-    Setting("lora_dropout", lora_module.DEFAULT_DROPOUT, float, _unit, "dropout on the adapter's input"),
+    Setting("lora_r", lora_module.DEFAULT_R, int, lambda v: lora_module.lora_problem("r", v), "adapter rank r"),
+    Setting("lora_alpha", lora_module.DEFAULT_ALPHA, float, lambda v: lora_module.lora_problem("alpha", v),
+            "scale numerator (scale = alpha / r)"),
+    Setting("lora_dropout", lora_module.DEFAULT_DROPOUT, float, lambda v: lora_module.lora_problem("dropout", v),
+            "dropout on the adapter's input"),
     Setting("lora_rslora", False, bool, doc="rsLoRA: scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)"),
     Setting("lora_plus_ratio", None, float, _positive, "LoRA+: B trains at this multiple of A's learning rate "
             "(Hayou et al., 2024: 16); none: the same rate"),
@@ -156,7 +150,7 @@ def new_tensor_lr(new_tensors, lr: float | None) -> dict[str, float]:
     """`lr_overrides` giving the newly initialised tensors their own learning rate (empty if none, or no rate).
 
     Warm-started models mix pretrained tensors with new ones: a rate that moves the new ones in minutes wrecks
-    the pretrained ones, and the textbook rate barely moves the new ones (DESIGN.md)."""
+    the pretrained ones, and the textbook rate barely moves the new ones (docs/guards.md)."""
     pattern = exact_names_pattern(new_tensors)
     return {pattern: lr} if pattern and lr else {}
 

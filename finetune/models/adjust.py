@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from finetune.families import family_of
+from finetune.checks import in_unit_interval
+
 
 def freeze_unused_pooler(model: nn.Module, log=print) -> None:
     """An EncoderDecoderModel built by `from_encoder_decoder_pretrained` keeps BERT's pooler in its encoder. No
     seq2seq forward reads it, so it would get no gradient and stop training at the gradient check: freeze it."""
-    if getattr(model.config, "model_type", "") != "encoder-decoder":
+    if not family_of(model).unused_pooler:
         return
     pooler = getattr(getattr(model, "encoder", None), "pooler", None)
     if pooler is not None and any(p.requires_grad for p in pooler.parameters()):
@@ -32,7 +35,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 def set_dropout(model: nn.Module, p: float) -> None:
     """Every dropout layer of the model (hidden, attention; encoder and decoder) to probability p, and the configs
     to match (so a saved model reloads with it)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+    if not in_unit_interval(p):
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
     keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
             "activation_dropout", "dropout_rate")

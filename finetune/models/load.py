@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from finetune.families import family_of
+
 
 def load_seq2seq(name_or_path: str, **kwargs):
     """`AutoModelForSeq2SeqLM` + `AutoTokenizer` from a hub name or local folder, with a clear offline error.
@@ -69,7 +71,7 @@ def _check_load_report(model, info: dict, name_or_path: str, marker: dict | None
     """The engine's own folders (`marker`) must match their config exactly (added BitFit biases put back);
     for any other checkpoint, each tensor transformers initialised at random is named in a warning."""
     pooler = []
-    if getattr(model.config, "model_type", "") == "encoder-decoder" and getattr(model.encoder, "pooler", None):
+    if family_of(model).unused_pooler and getattr(model.encoder, "pooler", None):
         # transformers rebuilds BERT's pooler (randomly) when it reloads a bert2bert; the decoder never
         # reads it, and as a trainable tensor without gradient it would stop training: drop it
         model.encoder.pooler = None

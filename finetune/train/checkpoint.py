@@ -243,6 +243,31 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
 
     `eval_hash`: the evaluation data's fingerprint. When the run keeps a best model, evaluation data other than
     the checkpoint's are refused (the best value was measured on those); otherwise a change is a warning."""
+    state = _read_state(path)
+    problems = _resume_problems(state, model, config, data_hash, world_size) + \
+        _evaluation_data_problems(path, state, config, eval_hash)
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    if not fsdp:
+        _copy_into(model, tensors)
+    opt_state = nested_optimizer_state(load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
+    if fsdp:
+        load_full_state(model, optimizer, tensors,
+                        {"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    else:
+        current = optimizer.state_dict()
+        groups = [{**g, **({"names": c["names"]} if "names" in c else {})}
+                  for g, c in zip(state["optimizer"]["param_groups"], current["param_groups"])]
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    _restore_rng(path, state, rank)
+    return state
+
+
+def _read_state(path: str) -> dict:
     try:
         with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
             state = json.load(f)
@@ -252,6 +277,12 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}/state.json: unreadable or incomplete ({err!r}); the checkpoint is corrupt"
                               ) from None
+    return state
+
+
+def _resume_problems(state: dict, model, config: dict, data_hash: str, world_size: int) -> list[str]:
+    """What differs between the checkpoint's run and this one: world size, model, trainable tensors, the settings
+    a resume must keep (RESUME_MUST_MATCH), the training data."""
     problems = []
     saved_world = state.get("world_size", 1)
     if saved_world != world_size:
@@ -271,36 +302,24 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
         problems.append("the training data differ (tokenised examples)" if state.get("fingerprints") == 2 else
                         "the training data cannot be compared: the checkpoint predates the data fingerprint of "
                         "finetune.data.columns (resume it with the finetune it was written by, or start a fresh run)")
-    if "eval_fingerprint" in state and state["eval_fingerprint"] != eval_hash:
-        what = ("there was no evaluation data then" if state["eval_fingerprint"] is None else
-                "there is no evaluation data now" if eval_hash is None else "the evaluation data differ")
-        if config.get("best_metric"):
-            problems.append(f"{what} (tokenised examples): the best {config['best_metric']} so far was measured on "
-                            "the checkpoint's evaluation data; resume with the same data, or start a fresh run")
-        else:
-            warnings.warn(f"resuming from {path}: {what}; evaluations before and after it are not comparable",
-                          stacklevel=2)
-    if problems:
-        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+    return problems
 
-    tensors = load_file(os.path.join(path, "model.safetensors"))
-    if not fsdp:
-        own = model.state_dict()
-        with torch.no_grad():
-            for name, value in tensors.items():
-                own[name].copy_(value)
-    opt_state = nested_optimizer_state(load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
-    if fsdp:
-        load_full_state(model, optimizer, tensors,
-                        {"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    else:
-        current = optimizer.state_dict()
-        groups = [{**g, **({"names": c["names"]} if "names" in c else {})}
-                  for g, c in zip(state["optimizer"]["param_groups"], current["param_groups"])]
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
+
+def _evaluation_data_problems(path: str, state: dict, config: dict, eval_hash: str | None) -> list[str]:
+    """Other evaluation data than the checkpoint's: refused when a best model is kept, else a warning."""
+    if "eval_fingerprint" not in state or state["eval_fingerprint"] == eval_hash:
+        return []
+    what = ("there was no evaluation data then" if state["eval_fingerprint"] is None else
+            "there is no evaluation data now" if eval_hash is None else "the evaluation data differ")
+    if config.get("best_metric"):
+        return [f"{what} (tokenised examples): the best {config['best_metric']} so far was measured on "
+                "the checkpoint's evaluation data; resume with the same data, or start a fresh run"]
+    warnings.warn(f"resuming from {path}: {what}; evaluations before and after it are not comparable", stacklevel=3)
+    return []
+
+
+def _restore_rng(path: str, state: dict, rank: int) -> None:
+    """This rank's generators as the checkpoint recorded them: torch (CPU, CUDA), Python, NumPy."""
     rng = load_file(os.path.join(path, "rng.safetensors"))
     prefix = f"rank{rank}."
     torch.set_rng_state(rng[prefix + "torch_cpu"])
@@ -311,7 +330,6 @@ def load_checkpoint(path: str, model, optimizer, scheduler, scaler, config: dict
     random.setstate((py[0], tuple(py[1]), py[2]))
     npy = state["rng"][rank]["numpy"]
     np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
-    return state
 
 
 def load_model_tensors(path: str, model) -> None:
@@ -319,10 +337,14 @@ def load_model_tensors(path: str, model) -> None:
     checkpoint holds: the frozen rest is unchanged since)."""
     verify(path)
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    own = model.state_dict()
-    missing = [k for k in tensors if k not in own]
+    missing = [k for k in tensors if k not in model.state_dict()]
     if missing:
         raise CheckpointError(f"{path}: tensors {missing[:3]} have no place in this model")
+    _copy_into(model, tensors)
+
+
+def _copy_into(model, tensors: dict) -> None:
+    own = model.state_dict()
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
+
+from finetune.checks import check_table, describe, fits, is_finite_number, is_number
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -87,19 +88,26 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Every field's type, then its range and how it fits the others: ValueError naming the field."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not fits(value, hints[f.name]):
-                raise ValueError(f"TrainConfig.{f.name}={value!r}: expected {_describe(hints[f.name])}, got "
+                raise ValueError(f"TrainConfig.{f.name}={value!r}: expected {describe(hints[f.name])}, got "
                                  f"{type(value).__name__}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"TrainConfig.{f.name}={value!r}: must be a finite number")
+        self._check_optimisation()
+        self._check_data()
+        self._check_evaluation()
+        self._check_run()
 
-        def need(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {what}")
+    def _need(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {what}")
 
+    def _check_optimisation(self) -> None:
+        need = self._need
         need(self.lr > 0, "lr", "must be > 0")
         from finetune.train.optim import OPTIMIZERS
 
@@ -112,6 +120,20 @@ class TrainConfig:
         need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or None")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.betas is None or (len(self.betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in self.betas)),
+             "betas", "must be two numbers in [0, 1)")
+        need(self.eps is None or self.eps > 0, "eps", "must be > 0 or None")
+        need(all(isinstance(p, str) for p in self.no_decay), "no_decay", "must be a list of regex strings")
+        need(all(isinstance(k, str) for k in self.lr_overrides), "lr_overrides", "keys must be regex strings")
+        need(all(is_finite_number(v) and v > 0 for v in self.lr_overrides.values()), "lr_overrides",
+             "values must be finite learning rates > 0")
+        from finetune.patterns import compile_patterns
+
+        compile_patterns(self.no_decay, "TrainConfig.no_decay")
+        compile_patterns(list(self.lr_overrides), "TrainConfig.lr_overrides")
+
+    def _check_data(self) -> None:
+        need = self._need
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or None")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -123,12 +145,18 @@ class TrainConfig:
         need(self.max_source_length >= 2, "max_source_length", "must be >= 2")
         need(self.max_target_length >= 2, "max_target_length", "must be >= 2")
         need(self.stream_buffer >= 1, "stream_buffer", "must be >= 1")
-        need(not self.streaming or self.max_steps is not None, "max_steps",
-             "a streamed run (streaming=True) reads its data as it goes: declare its optimizer steps")
-        need(not self.streaming or self.epochs == 1, "epochs",
-             "a streamed run lasts max_steps, passing over the data as often as that takes: leave epochs at 1")
+        if self.streaming:
+            from finetune.data.stream import check_stream_settings
+
+            check_stream_settings(self)
         need(self.num_proc is None or self.num_proc >= 1, "num_proc", "must be >= 1 or None (every core)")
         need(self.cache_dir is None or bool(self.cache_dir.strip()), "cache_dir", "must be a folder path or None")
+        need(bool(self.source_field) and bool(self.target_field) and self.source_field != self.target_field,
+             "target_field", f"source_field and target_field must be two different non-empty names "
+             f"(source_field={self.source_field!r})")
+
+    def _check_evaluation(self) -> None:
+        need = self._need
         need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1 or None")
         need(self.num_beams >= 1, "num_beams", "must be >= 1")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
@@ -148,6 +176,9 @@ class TrainConfig:
         need(self.early_stopping_patience is None or self.best_metric is not None, "early_stopping_patience",
              "needs best_metric (the metric that must improve)")
         need(self.early_stopping_threshold >= 0, "early_stopping_threshold", "must be >= 0")
+
+    def _check_run(self) -> None:
+        need = self._need
         from finetune.train.recorder import SINKS
 
         need(all(r in SINKS for r in self.report_to), "report_to",
@@ -159,66 +190,14 @@ class TrainConfig:
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         need(bool(self.output_dir.strip()), "output_dir", "must name a folder (it is empty)")
-        need(bool(self.source_field) and bool(self.target_field) and self.source_field != self.target_field,
-             "target_field", f"source_field and target_field must be two different non-empty names "
-             f"(source_field={self.source_field!r})")
         need(self.device is None or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
              "must be None, 'cpu', 'cuda' or 'cuda:N'")
-        need(self.betas is None or (len(self.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in self.betas)),
-             "betas", "must be two numbers in [0, 1)")
-        need(self.eps is None or self.eps > 0, "eps", "must be > 0 or None")
-        need(all(isinstance(p, str) for p in self.no_decay), "no_decay", "must be a list of regex strings")
-        need(all(isinstance(k, str) for k in self.lr_overrides), "lr_overrides", "keys must be regex strings")
-        need(all(_number(v) and math.isfinite(v) and v > 0 for v in self.lr_overrides.values()), "lr_overrides",
-             "values must be finite learning rates > 0")
-        from finetune.patterns import compile_patterns
-
-        compile_patterns(self.no_decay, "TrainConfig.no_decay")
-        compile_patterns(list(self.lr_overrides), "TrainConfig.lr_overrides")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
         """Build from plain values (a TOML table); unknown keys and wrong types are errors naming the key."""
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-            if not fits(value, hints[key]):
-                raise ValueError(f"{where}: key '{key}' has {type(value).__name__} {value!r}, expected {hints[key]}")
+        check_table(values, typing.get_type_hints(cls), where)
         return cls(**values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _describe(hint) -> str:
-    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string", type(None): "None"}
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) in (list, tuple):
-        return "a list"
-    if typing.get_origin(hint) is dict:
-        return "a table (mapping)"
-    return names.get(hint, str(hint))
-
-
-def fits(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(fits(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint)

@@ -29,7 +29,7 @@ from finetune.evaluate import evaluation
 from finetune.data import feed
 from finetune.train.checkpoint import find_checkpoint, load_checkpoint
 from finetune.train.config import TrainConfig
-from finetune.data.batching import schedule_of, training_sampler
+from finetune.data.batching import describe_batches
 from finetune.data.collate import Collator
 from finetune.store.export import save_model_folder, save_outputs
 from finetune.methods.freeze import trainable_report
@@ -43,8 +43,7 @@ from finetune.train.optim import build_optimizer, build_scheduler, describe_grou
 from finetune.store.outputs import RunLock, claim_for_fresh_run
 from finetune.train.precision import Precision
 from finetune.train.recorder import Recorder
-from finetune.data.sources import is_stream
-from finetune.data.stream import Stream
+from finetune.data.training import open_training_data
 from finetune.train.runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
                        finish, subset)
 
@@ -96,15 +95,11 @@ class Engine:
         cfg, world = self.config, self.dist.world_size
         set_seed(cfg.seed)
         resume_path = find_checkpoint(os.path.join(cfg.output_dir, "checkpoints"), resume) if resume else None
-        if cfg.streaming or is_stream(train):  # tokenised as it is read (finetune.data.stream)
-            examples = sampler = Stream(train, self.tokenizer, cfg, self.tokens.decoder_start, self.dist.rank, world)
-            self.recorder.log(f"train: {sampler.description}")
-        else:
-            _, examples = self._tokenized(train, "train")
-            sampler = training_sampler(cfg, examples, world)
+        data = open_training_data(train, self.tokenizer, cfg, self.tokens.decoder_start, self.dist)
+        self.recorder.log(f"train: {data.description}")
         eval_full = self._tokenized(eval, "eval") if eval is not None else None
         eval_set = subset(eval_full, cfg.eval_max_samples, cfg.seed)
-        steps_per_epoch, total_steps, epochs = schedule_of(cfg, sampler)
+        steps_per_epoch, total_steps, epochs = data.schedule()
         check_evaluation_settings(cfg, eval is not None, total_steps, sharded=cfg.fsdp and self.dist.enabled)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
         if cfg.grad_checkpointing:
@@ -116,10 +111,10 @@ class Engine:
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss, self.sharded)
         self.build_optimizer(total_steps, warmup)
         self.recorder.log(f"{total_steps} optimizer steps ({epochs} epoch(s) of {steps_per_epoch}), warm-up {warmup}, "
-                          f"batch {f'of {cfg.max_tokens} tokens' if cfg.max_tokens else cfg.batch_size} x "
+                          f"batch {describe_batches(cfg)} x "
                           f"accumulation {cfg.grad_accum} x {world} process(es), "
                           f"{self.precision}, {self.loss.reason}, device {self.device}")
-        data_hash, eval_hash = examples.fingerprint, eval_full[1].fingerprint if eval_full is not None else None
+        data_hash, eval_hash = data.fingerprint, eval_full[1].fingerprint if eval_full is not None else None
         best = Best(cfg.best_metric, cfg.early_stopping_patience, cfg.early_stopping_threshold)
         checkpointer = Checkpointer(self, self.optimizer, self.scheduler, data_hash, self.recorder.log, best, eval_hash)
         self.global_step, self.nonfinite_in_a_row, start = 0, 0, (0, 0)
@@ -129,8 +124,7 @@ class Engine:
                                     fsdp=self.sharded, eval_hash=eval_hash)
             self.global_step, start = state["step"], (state["epoch"], state["window"])
             self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-            if isinstance(sampler, Stream):
-                sampler.resume_at = state["stream"][self.dist.rank]
+            data.resume(state, self.dist.rank)
             self._checked_gradients = True
             best.load(state.get("best"), checkpointer.directory, resume_path)
             checkpointer.last, checkpointer.last_step = resume_path, self.global_step
@@ -138,7 +132,7 @@ class Engine:
                 print(f"resumed from {resume_path} at step {self.global_step}", flush=True)
         self.recorder.close()  # the trackers of an earlier run, if any
         self.recorder = Recorder(cfg.output_dir, self.dist.is_main, cfg.progress, cfg.report_to, cfg.to_dict())
-        return TrainingRun(examples, eval_set, eval_full, sampler, total_steps, epochs, start, checkpointer, best)
+        return TrainingRun(data, eval_set, eval_full, total_steps, epochs, start, checkpointer, best)
 
     def build_optimizer(self, total_steps: int, warmup_steps: int, lr: float | None = None,
                         schedule: str | None = None, weight_decay: float | None = None):
@@ -169,9 +163,15 @@ class Engine:
 
     def windows(self, run: TrainingRun, epoch: int):
         """(index, window) of one epoch: `grad_accum` collated micro-batches each (this rank's share of every
-        global batch), from where a resume picks up, until the run's last step (finetune.data.feed: collated off the
-        training thread)."""
-        return feed.windows(self, run, epoch)
+        global batch), from where a resume picks up, until the run's last step (finetune.data.feed: collated off
+        the training thread). Sets `padding` and, for a stream, `stream_position` (where a resume after the
+        window just yielded picks up)."""
+        steps = run.total_steps - self.global_step  # counted when the epoch starts, before the producer runs ahead
+        noised = feed.noiser(self.noise, self.tokenizer, self.config.seed)
+        for index, window, state in feed.windows(run.data, epoch, run.start, steps, self.collate, noised,
+                                                 self.recorder.log, self.config.prefetch):
+            self.padding, self.stream_position = state["padding"], state["position"]
+            yield index, window
 
     # ------------------------------------------------------------------------------------------
     # the training step

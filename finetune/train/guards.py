@@ -2,13 +2,13 @@
 first step), the gradient check after the first backward, and the count of non-finite steps in a row."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import nn
 
 from finetune import distributed
+from finetune.checks import is_finite_number, is_integer
 
 
 class TrainingStopped(RuntimeError):
@@ -99,9 +99,9 @@ def check_engine_arguments(model, tokenizer, config, noise) -> None:
 
 
 def check_overfit_arguments(steps, lr) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not (is_integer(steps) and steps >= 1):
         raise ValueError(f"overfit_batch: steps must be an integer >= 1, got {steps!r}")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
+    if lr is not None and not (is_finite_number(lr) and lr > 0):
         raise ValueError(f"overfit_batch: lr must be a finite number > 0, got {lr!r}")
 
 

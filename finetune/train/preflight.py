@@ -33,7 +33,7 @@ import torch
 from finetune.data.pairs import read_pairs
 from finetune.data.collate import IGNORE_INDEX
 
-SMALL_LR = 1e-4  # a rate at or below this barely moves randomly initialised tensors in an epoch (DESIGN.md)
+SMALL_LR = 1e-4  # a rate at or below this barely moves randomly initialised tensors in an epoch (docs/guards.md)
 
 
 @dataclass
@@ -67,10 +67,10 @@ def check(engine, train, new_parameters=(), steps: int = 200, eval=None) -> Chec
         torch.set_rng_state(rng)  # checking changes nothing, the random state included
 
 
-def _check_evaluation(report, engine, eval, examples) -> None:
+def _check_evaluation(report, engine, eval, data) -> None:
     """The batches, the evaluation data and settings, as `Engine.prepare` will see them."""
-    from finetune.data.batching import padding_fraction, schedule_of, training_sampler
-    from finetune.data.pairs import DataError
+    from finetune.data.batching import describe_batches, padding_fraction
+    from finetune.data.sources import DataError
     from finetune.train.guards import check_evaluation_settings
 
     cfg = engine.config
@@ -81,16 +81,10 @@ def _check_evaluation(report, engine, eval, examples) -> None:
         except DataError as err:
             report.add("FAIL", "evaluation", str(err))
             return
-    try:
-        sampler = training_sampler(cfg, examples, engine.dist.world_size)
-    except ValueError as err:
-        report.add("FAIL", "batches", str(err))
-        return
-    total = schedule_of(cfg, sampler)[1]
-    first = sampler.batches(0)
-    report.add("PASS", "batches", f"{len(first)} batches in the first epoch "
-               f"({f'at most {cfg.max_tokens} padded tokens each' if cfg.max_tokens else f'of {cfg.batch_size}'}), "
-               f"padding {padding_fraction(first, examples, engine.dist.world_size):.1%}")
+    total = data.schedule()[1]
+    first, examples = data.first_batches()
+    report.add("PASS", "batches", f"{len(first)} batches {describe_batches(cfg)} in the first epoch (a stream: "
+               f"buffer), padding {padding_fraction(first, examples, engine.dist.world_size):.1%}")
     try:
         check_evaluation_settings(cfg, eval is not None, total)
     except ValueError as err:
@@ -108,10 +102,12 @@ def _check(engine, train, new_parameters, steps: int, eval, scratch: str) -> Che
                f"{tok.convert_ids_to_tokens(tokens.decoder_start)!r}, eos {tokens.eos} "
                f"{tok.convert_ids_to_tokens(tokens.eos)!r}: config, generation config and tokenizer agree")
     cfg = engine.config
-    pairs, examples, counts = _training_data(report, engine, train)
-    if examples is None:
+    data = _training_data(report, engine, train)
+    if data is None:
         return report
-    _check_evaluation(report, engine, eval, examples)
+    _check_evaluation(report, engine, eval, data)
+    pairs, examples, _ = data.sample()
+    counts = examples.report
     size = min(len(examples), max(2, min(cfg.batch_size, 8)))
     batch = engine.collate(examples[:size])
     _check_batch(report, engine, batch, pairs[:size])
@@ -127,29 +123,20 @@ def _check(engine, train, new_parameters, steps: int, eval, scratch: str) -> Che
 
 
 def _training_data(report, engine, train):
-    """(pairs, examples, truncation counts) as the run will read them (finetune.data.corpus: the cache it uses), or of
-    a stream's first buffer; the "data" row says which source and which cache."""
-    from finetune.data import corpus
-    from finetune.data.columns import in_memory
-    from finetune.data.pairs import DataError
-    from finetune.data.sources import is_stream
-    from finetune.data.stream import Stream
+    """The training data as the run will read it (finetune.data.training: the cache it uses, or a stream), or None
+    after a FAIL row; the "data" row says which source and which cache."""
+    from finetune.data.sources import DataError
+    from finetune.data.training import open_training_data
 
-    cfg, tok, start = engine.config, engine.tokenizer, engine.tokens.decoder_start
     try:
-        if cfg.streaming or is_stream(train):
-            stream = Stream(train, tok, cfg, start, engine.dist.rank, engine.dist.world_size)
-            pairs = [(s, t) for _, s, t in next(stream.buffers(0, 0))[2]]
-            examples = in_memory(pairs, tok, cfg.max_source_length, cfg.max_target_length, start)
-            report.add("PASS", "data", f"{stream.description}; checked here: its first buffer of {len(pairs)} rows")
-            return pairs, examples, examples.report
-        pairs, examples = corpus.load(train, tok, cfg, start, "training data", engine.dist)
+        data = open_training_data(train, engine.tokenizer, engine.config, engine.tokens.decoder_start, engine.dist)
+        detail = data.sample()[2]
     except (DataError, ValueError) as err:
         report.add("FAIL", "data", str(err))
-        return None, None, None
+        return None
     what = train if isinstance(train, str) else f"a {type(train).__name__} of pairs"
-    report.add("PASS", "data", f"training data {what}: {examples.report} ({examples.origin})")
-    return pairs, examples, examples.report
+    report.add("PASS", "data", f"training data {what}: {detail}")
+    return data
 
 
 def _check_batch(report, engine, batch, pairs) -> None:

@@ -22,6 +22,7 @@ import json
 import os
 import time
 import warnings
+from finetune.checks import is_number
 
 SINKS = ("tensorboard", "mlflow", "wandb")
 INSTALL = {"tensorboard": "pip install -e '.[tensorboard]'", "mlflow": "pip install -e '.[mlflow]'",
@@ -37,7 +38,7 @@ def numbers(record: dict) -> dict[str, float]:
         if isinstance(value, dict):
             for key, inner in value.items():
                 walk(f"{prefix}.{key}", inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif is_number(value):
             out[f"{split}/{prefix}"] = float(value)
 
     for key, value in record.items():

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from finetune import distributed
 from finetune.train.checkpoint import CheckpointError, load_model_tensors, rng_state, save_checkpoint
-from finetune.data.batching import LengthGroupedBatches, TokenBudgetBatches
-from finetune.data.tokenize import Example
+from finetune.data.stream import Stream
+from finetune.data.training import Corpus
 from finetune.train.guards import TrainingStopped
 from finetune.train.optim import optimizer_state_bytes
 
@@ -44,10 +44,9 @@ class Tokenized(tuple):
 class TrainingRun:
     """What `Engine.prepare` made: the data, the schedule of steps, where a resume starts, the checkpointer, the
     best evaluation so far."""
-    examples: list[Example]
+    data: Corpus | Stream  # the training data (finetune.data.training): examples and batches, or a stream
     eval_set: Tokenized | None  # what evaluations during training use (eval_max_samples: a fixed subset)
     eval_full: Tokenized | None  # the whole evaluation data, for the final evaluation
-    sampler: LengthGroupedBatches | TokenBudgetBatches
     total_steps: int
     epochs: int
     start: tuple[int, int]  # (epoch, windows of it already consumed)
