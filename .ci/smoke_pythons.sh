@@ -63,8 +63,8 @@ progress = false
 EOF
     (cd "$run" && FINETUNE_CACHE="$run/cache" "$venv/bin/finetune" check run.toml --steps 100)
     rm -rf "$run"
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_masks.py tests/test_data.py tests/test_loss.py \
-        tests/test_wrong_inputs.py
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/data/test_collate.py tests/data/test_pairs.py \
+        tests/train/test_loss.py tests/test_bad_inputs.py
     tested+=("$version")
 }
 

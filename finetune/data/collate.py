@@ -25,7 +25,7 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
     """Decoder inputs from labels: start token first, labels shifted right, -100 replaced by pad.
 
     Matches `transformers.models.bart.modeling_bart.shift_tokens_right`, T5's `_shift_right` and
-    `EncoderDecoderModel`'s shift (pinned by tests/test_masks.py).
+    `EncoderDecoderModel`'s shift (pinned by tests/data/test_collate.py).
     """
     if pad_token_id is None:
         raise ValueError("shift_tokens_right: pad_token_id is None; set it on the model config or tokenizer")

@@ -5,7 +5,7 @@
 (target tokens x vocabulary) logits tensor, its float32 copy, its log-softmax and their gradients — several
 times the size of all the decoder's activations for a 50k vocabulary — never exist at once. The maths is the
 same: loss = logsumexp(z) - (1 - e) z_y - e mean(z) per target token (e = label smoothing, as
-`F.cross_entropy` defines it), gradient softmax(z) - (1 - e) onehot(y) - e / V. tests/test_loss.py pins both
+`F.cross_entropy` defines it), gradient softmax(z) - (1 - e) onehot(y) - e / V. tests/train/test_loss.py pins both
 to `F.cross_entropy` on BART, T5 and bert2bert, with and without label smoothing, in fp32 and bf16.
 
 `capture_hidden` gets those hidden states out of an unmodified `transformers` model: for one forward it puts
@@ -170,7 +170,7 @@ def capture_hidden(model: nn.Module, head: nn.Linear, logits_bias: str | None = 
 # What the model gets. The batch also holds `decoder_attention_mask`, but the decoder does not need it: with
 # right padding, the causal mask already keeps every real position from seeing the pads after it, and the
 # pads' own outputs are ignored by the loss (-100). Passing it only costs time (attention can no longer
-# take its causal fast path); tests/test_engine.py checks that the logits at every target position agree.
+# take its causal fast path); tests/train/test_engine.py checks that the logits at every target position agree.
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
 

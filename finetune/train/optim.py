@@ -186,7 +186,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "l
 
     Warm-up: step / warmup_steps (0 at step 0, 1 at the end of warm-up). Then linear: down to 0 at
     total_steps; cosine: half a cosine down to 0; constant: 1. Matches transformers'
-    get_{linear,cosine,constant}_schedule_with_warmup (tests/test_optim.py).
+    get_{linear,cosine,constant}_schedule_with_warmup (tests/train/test_optim.py).
     """
     if step < warmup_steps:
         return step / max(1, warmup_steps)

@@ -1,12 +1,12 @@
 """A run with a fixed seed gives the same losses and weights, bit for bit, as the recorded one.
 
-The record (tests/golden_runs.json) was written by the engine before it was restructured into its current
+The record (tests/train/golden_runs.json) was written by the engine before it was restructured into its current
 modules; it pins the whole step: data order, label shift, dropout draws, fused and plain loss, accumulation,
 clipping, AdamW, schedule. Floating-point results can differ between CPUs (their matmul kernels sum in other
 orders), so the comparison is exact on a CPU like the one that wrote the record and within 1e-5 elsewhere.
 
 Rewrite the record (only on purpose, after a change meant to alter the numbers):
-    FINETUNE_WRITE_GOLDEN=1 python -m pytest tests/test_golden_run.py
+    FINETUNE_WRITE_GOLDEN=1 python -m pytest tests/train/test_golden_run.py
 """
 import hashlib
 import json

@@ -9,8 +9,8 @@ from finetune import Engine, TrainConfig
 from finetune.models import tiny_bart
 from finetune.train.recorder import numbers
 
-from test_best import DATA, EVAL
-from test_best import cfg as eight_steps
+from conftest import RUN_DATA as DATA, RUN_EVAL as EVAL
+from conftest import short_run as eight_steps
 
 
 def cfg(out, **kw):

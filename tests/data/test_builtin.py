@@ -1,7 +1,6 @@
 """The code-summary job's data: pairs built from a standard library folder (here a small fake one, and the real
 one of this interpreter), the filters, the split by the qualified name's hash, the name baseline, the run-file
 spec, and the example end to end on a tiny model."""
-import os
 import sys
 import textwrap
 
@@ -111,7 +110,6 @@ def test_a_run_file_names_the_job_like_codespell():
 
 
 def test_the_example_runs_end_to_end_on_a_tiny_model(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
     from test_examples import run
 
     out = run("code_summary_bert2bert.py", "--model", "tiny", "--train-size", "64", "--valid-size", "8",
@@ -128,7 +126,6 @@ def test_the_example_runs_end_to_end_on_a_tiny_model(tmp_path):
 
 
 def test_the_example_compares_methods_beside_the_baseline(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
     from test_examples import run
 
     out = run("code_summary_bert2bert.py", "--model", "tiny", "--compare", "--methods", "bitfit", "--budget", "steps",
@@ -146,7 +143,6 @@ def test_the_example_compares_methods_beside_the_baseline(tmp_path):
                                             (["--min-steps-typo"], "unrecognized arguments"),
                                             (["--budget-minutes", "2"], "it does nothing here")])
 def test_the_example_refuses_bad_flags(tmp_path, flags, message):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
     from test_examples import run
 
     out = run("code_summary_bert2bert.py", "--model", "tiny", "--train-size", "8", *flags, "--output-dir",

@@ -1,8 +1,7 @@
-"""Never silently wrong, part 2: the best model, the preflight and the evaluation data (issue 26).
-
-One test (or a few) per numbered item of the issue, each tried as a new user would: a tiny BART, a few steps. The
-items beyond the list (partial LoRA surgery, a missing best checkpoint on resume, strict CSV quoting, an
-all-NaN early stop) are marked "beyond the list"."""
+"""Bad inputs and faults across the engine, each tried as a new user would (a tiny BART, a few steps): the best
+model, the preflight, the evaluation data, partial LoRA surgery, a missing best checkpoint on resume, strict CSV
+quoting, an all-NaN early stop. Each is refused with a message naming the file and line, the parameter or the
+pattern, or handled without losing work."""
 import json
 import math
 import os
@@ -18,13 +17,13 @@ from finetune import DataError, Engine, apply_method, read_pairs
 from finetune.train.checkpoint import CheckpointError
 from finetune.cli import main
 from finetune.methods.lora import LoRALinear
-from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart
 from finetune.methods.quant import is_quantized
 from finetune.run_build import check_setup
 from finetune.train.runstate import Best
 
-from test_best import DATA, EVAL, cfg, spoil_after  # the short run with validation those tests use
+from conftest import RUN_DATA as DATA, RUN_EVAL as EVAL, spoil_after  # the short run with validation
+from conftest import short_run as cfg
 
 OTHER_EVAL = [(f"teh {i}", f"the {i}") for i in range(6)]
 
@@ -230,36 +229,6 @@ def test_lora_with_one_bad_target_among_good_ones_changes_nothing():
         from finetune import apply_lora
         apply_lora(model, targets=["q_proj"], also_train=["no_such_tensor"])
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-
-
-# --- 8. ROUGE in every script -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text", ["今天天气很好", "Привет, как дела?", "Γειά σου κόσμε", "東京は晴れです"])
-def test_rouge_of_an_identical_prediction_is_one_in_any_script(text):
-    metrics = GenerationMetrics()
-    metrics.add(text, text, text)
-    result = metrics.result()
-    assert result["exact_match"] == 1.0 and result["rouge1"] == result["rougeL"] == 1.0
-    other = GenerationMetrics()
-    other.add(text, text, "completely different words")
-    assert other.result()["rougeL"] == 0.0
-
-
-def test_rouge_tokens_on_ascii_text_are_rouge_scores_own():
-    from rouge_score import rouge_scorer, tokenizers
-
-    from finetune.evaluate.metrics import RougeTokenizer
-
-    texts = ["The cats were running quickly, weren't they?", "A 3-step plan: re-run tests_now & ship v2.0!",
-             "generalisation of the transformers' attention", "x_y  z\tw\nthe END"]
-    reference = tokenizers.DefaultTokenizer(use_stemmer=True)
-    ours = RougeTokenizer()
-    for text in texts:
-        assert ours.tokenize(text) == reference.tokenize(text)
-    theirs = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    mine = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=ours)
-    for a, b in zip(texts, reversed(texts)):
-        assert theirs.score(a, b) == mine.score(a, b)
 
 
 # --- 9, 10. bad rows named by file and line ---------------------------------------------------------------------

@@ -176,7 +176,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def launch(out, save_every, resume=None):
-    code = SCRIPT.format(tests=os.path.dirname(__file__), out=str(out), save_every=save_every, resume=resume)
+    code = SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)), out=str(out), save_every=save_every, resume=resume)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -241,7 +241,7 @@ def test_a_checkpoint_written_before_the_sub_packages_resumes(tmp_path, name):
     from finetune import TrainConfig, apply_method
     from finetune.models import tiny_bart, tiny_t5
 
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint_262dfb4", name)
+    fixture = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "checkpoint_262dfb4", name)
     out = tmp_path / name
     shutil.copytree(os.path.join(fixture, "step-00000003"), out / "checkpoints" / "step-00000003")
     model, tok = (tiny_bart if name.startswith("bart") else tiny_t5)(d_model=32)

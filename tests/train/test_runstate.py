@@ -8,31 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SPELLING
+from conftest import RUN_DATA as DATA, RUN_EVAL as EVAL, SPELLING, spoil_after
+from conftest import short_run as cfg
 from finetune import Engine, TrainConfig
 from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart, tiny_bert2bert
 from finetune.run_build import check_setup
 from finetune.train.runstate import Best
 
-DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(16)]
-EVAL = [(f"wrod {i}", f"word {i}") for i in range(6)]
-
-
-def cfg(out, **kw):
-    base = dict(lr=3e-3, batch_size=4, max_steps=8, eval_every=2, progress=False, output_dir=str(out), log_every=1,
-                precision="fp32")
-    return TrainConfig(**{**base, **kw})
-
-
-def spoil_after(step):
-    """An on_step hook that adds noise to every weight after `step`: later evaluations get worse."""
-    def hook(engine, stats):
-        if engine.global_step >= step:
-            with torch.no_grad():
-                for p in engine.model.parameters():
-                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(engine.global_step)) * 0.5)
-    return hook
 
 
 def events(out):
