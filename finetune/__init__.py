@@ -1,6 +1,6 @@
 """finetune: a plain-PyTorch engine for fine-tuning encoder-decoder transformers."""
-from finetune.data import DataError, NoiseConfig, add_noise, code_summary_pairs, codespell_pairs, read_pairs, \
-    shift_tokens_right
+from finetune.data import (DataError, NoiseConfig, add_noise, code_summary_pairs, codespell_pairs, read_pairs,
+                           shift_tokens_right)
 from finetune.methods import (METHODS, apply_lora, apply_method, bitfit, freeze, load_adapter, merge_lora,
                               new_tensor_lr, quantize_4bit, quantize_int8, save_adapter, trainable_report, unfreeze)
 from finetune.models import bert2bert, load_seq2seq, minilm_path

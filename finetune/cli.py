@@ -15,17 +15,18 @@ import json
 import os
 import sys
 
-from finetune.train.checkpoint import CheckpointError
 from finetune.data.pairs import DataError, read_pairs
 from finetune.models.load import ModelNotAvailable
 from finetune.store.outputs import OutputDirError
+from finetune.train.checkpoint import CheckpointError
+
 
 def cmd_train(args) -> int:
-    from finetune.train.engine import Engine
     from finetune.methods.freeze import trainable_report
-    from finetune.store.outputs import RunLock, claim_for_fresh_run
-    from finetune.run_config import load_run_config
     from finetune.run_build import build_run
+    from finetune.run_config import load_run_config
+    from finetune.store.outputs import RunLock, claim_for_fresh_run
+    from finetune.train.engine import Engine
 
     run = load_run_config(args.config, args.set)
     built = build_run(run)
@@ -48,8 +49,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from finetune.run_config import load_run_config
     from finetune.run_build import build_run, check_setup
+    from finetune.run_config import load_run_config
 
     built = build_run(load_run_config(args.config, args.set))
     report = check_setup(built.model, built.tokenizer, built.config, built.train, built.new_parameters, args.steps,
@@ -66,9 +67,9 @@ def _plain(section):
 
 def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str | None, max_new_tokens: int,
                 generation: dict | None = None):
+    from finetune.models.load import load_seq2seq
     from finetune.train.config import TrainConfig
     from finetune.train.engine import Engine
-    from finetune.models.load import load_seq2seq
 
     if not os.path.isdir(model_dir):
         raise ModelNotAvailable(f"--model {model_dir}: not a folder (pass the model/ folder a training run wrote)")

@@ -150,8 +150,7 @@ def full_optimizer_state(model, optimizer) -> dict:
 def load_full_state(model, optimizer, model_tensors: dict, optimizer_state: dict) -> None:
     """Put full (unsharded) model tensors and a plain-layout optimizer state into an FSDP-sharded model and
     its optimizer: every rank passes the same full values and keeps its own shard."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, model_tensors, options=options)

@@ -9,7 +9,6 @@ from finetune.run_config import ModelSection, RunConfig
 from finetune.train.config import TrainConfig
 
 
-
 def tiny_models() -> dict[str, str]:
     """'tiny-bart' -> 'tiny_bart': the families' tiny builders (finetune/families.py) by their run-file name."""
     from finetune.families import FAMILIES
@@ -96,8 +95,8 @@ def check_setup(model, tokenizer, config, train, new_parameters=(), steps: int =
                 resume: bool = False):
     """Build the engine (its special-token contract is the first check) and run `check` on it; for a fresh run
     (not `resume`), also the output folder as `finetune train` will claim it."""
-    from finetune.train.engine import Engine
     from finetune.store.outputs import OutputDirError, claim_for_fresh_run
+    from finetune.train.engine import Engine
     from finetune.train.preflight import CheckReport, check
 
     try:

@@ -27,8 +27,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, from PyPI (a dependency on those versions)
     import tomli as tomllib
-from finetune.methods.registry import METHODS, REGISTRY, method
+
 from finetune.data.noise import NoiseConfig
+from finetune.methods.registry import METHODS, REGISTRY, method
 
 
 @dataclass

@@ -12,7 +12,7 @@ import hashlib
 
 import numpy as np
 
-from finetune.data.tokenize import Example, tokenize_pairs, TokenizeReport
+from finetune.data.tokenize import Example, TokenizeReport, tokenize_pairs
 
 
 class Block:

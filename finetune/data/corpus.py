@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from finetune.data.columns import Block, Examples, in_memory
-from finetune.data.tokenize import tokenize_pairs, TokenizeReport
 from finetune.data.sources import DataError, is_dataset, open_source, parse_chunk
+from finetune.data.tokenize import TokenizeReport, tokenize_pairs
 
 FORMAT = 1  # of the cache folders; part of the key
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
 from finetune.checks import is_finite_number
 
 Protect = Callable[[list[int], object], set]

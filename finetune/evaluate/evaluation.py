@@ -13,12 +13,12 @@ import os
 import torch
 
 from finetune import distributed
+from finetune.checks import is_integer
 from finetune.data.batching import LengthGroupedBatches, lengths_of
-from finetune.evaluate.generation import generate_kwargs
 from finetune.data.collate import IGNORE_INDEX
+from finetune.evaluate.generation import generate_kwargs
 from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models.tokens import check_length
-from finetune.checks import is_integer
 
 
 @torch.inference_mode()

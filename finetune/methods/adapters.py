@@ -17,10 +17,11 @@ import re
 import torch
 from torch import nn
 
-from finetune.store.export import BESIDE_MODEL
-from finetune.methods.lora import apply_lora, check_lora_settings, linear_layers, lora_layers, pattern_value, some_linear_names
-from finetune.patterns import compile_patterns
+from finetune.methods.lora import (apply_lora, check_lora_settings, linear_layers, lora_layers, pattern_value,
+                                   some_linear_names)
 from finetune.methods.surgery import replace_module
+from finetune.patterns import compile_patterns
+from finetune.store.export import BESIDE_MODEL
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

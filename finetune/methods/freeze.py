@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from finetune.patterns import compile_patterns
 from finetune.methods.surgery import replace_module
+from finetune.patterns import compile_patterns
 
 
 def tensor_names(model: nn.Module) -> dict[int, list[str]]:

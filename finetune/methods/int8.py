@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from finetune.methods.quant import (QuantizedLinear, QuantizeReport, bitsandbytes_module, prepare_quantized_training,
-                    replace_linears)
+                                    replace_linears)
 
 prepare_int8_training = prepare_quantized_training  # the same preparation serves int8 and 4-bit bases
 

@@ -19,9 +19,9 @@ from torch import nn
 from finetune.checks import is_finite_number, is_integer
 from finetune.families import family_of
 from finetune.methods.freeze import freeze_all, unfreeze
-from finetune.patterns import compile_patterns
 from finetune.methods.quant import is_quantized
 from finetune.methods.surgery import replace_module
+from finetune.patterns import compile_patterns
 
 DEFAULT_R, DEFAULT_ALPHA, DEFAULT_DROPOUT = 16, 32.0, 0.05  # as people use LoRA (Hu et al., 2021; PEFT); written here only
 # LoRA's settings: (the type, the range and the range in words): checked here only (`lora_problem`)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from finetune.patterns import compile_patterns
 from finetune.methods.surgery import replace_module
+from finetune.patterns import compile_patterns
 
 
 def bitsandbytes_module(what: str = "int8"):

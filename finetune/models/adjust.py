@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from finetune.families import family_of
 from finetune.checks import in_unit_interval
+from finetune.families import family_of
 
 
 def freeze_unused_pooler(model: nn.Module, log=print) -> None:

@@ -39,7 +39,6 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None) -> Bert2Bert:
     [CLS], eos is [SEP], pad is [PAD].
     """
     from transformers import AutoTokenizer, BertLMHeadModel, BertModel, EncoderDecoderModel
-
     from transformers.utils import logging as hf_logging
 
     decoder_path = decoder_path or encoder_path

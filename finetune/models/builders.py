@@ -7,7 +7,6 @@ import string
 
 import torch
 
-
 CHARACTERS = string.ascii_letters + string.digits + string.punctuation + " "
 SPECIALS = {
     "bart": dict(pad="<pad>", bos="<s>", eos="</s>", unk="<unk>", mask="<mask>"),

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune.distributed import load_full_state
-from finetune.train.optim import flat_optimizer_state, nested_optimizer_state
 from finetune.store.outputs import replace_dir
+from finetune.train.optim import flat_optimizer_state, nested_optimizer_state
 
 MANIFEST = "manifest.json"
 LATEST = "latest"

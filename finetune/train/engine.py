@@ -23,29 +23,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.data import corpus
 from finetune import distributed
+from finetune.data import corpus, feed
+from finetune.data.batching import describe_batches
+from finetune.data.collate import IGNORE_INDEX, Collator
+from finetune.data.noise import NoiseConfig
+from finetune.data.training import open_training_data
 from finetune.evaluate import evaluation
-from finetune.data import feed
+from finetune.methods.freeze import trainable_report
+from finetune.models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
+from finetune.store.export import save_model_folder, save_outputs
+from finetune.store.outputs import RunLock, claim_for_fresh_run
 from finetune.train.checkpoint import find_checkpoint, load_checkpoint
 from finetune.train.config import TrainConfig
-from finetune.data.batching import describe_batches
-from finetune.data.collate import Collator
-from finetune.store.export import save_model_folder, save_outputs
-from finetune.methods.freeze import trainable_report
 from finetune.train.guards import (TrainingStopped, check_device, check_engine_arguments, check_evaluation_settings,
-                     check_gradients, check_overfit_arguments, count_nonfinite)
+                                   check_gradients, check_overfit_arguments, count_nonfinite)
 from finetune.train.loss import TrainingLoss
-from finetune.data.collate import IGNORE_INDEX
-from finetune.models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
-from finetune.data.noise import NoiseConfig
 from finetune.train.optim import build_optimizer, build_scheduler, describe_groups, optimizer_name, param_groups
-from finetune.store.outputs import RunLock, claim_for_fresh_run
 from finetune.train.precision import Precision
 from finetune.train.recorder import Recorder
-from finetune.data.training import open_training_data
-from finetune.train.runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun, evaluate_during_fit,
-                       finish, subset)
+from finetune.train.runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun,
+                                     evaluate_during_fit, finish, subset)
 
 
 def set_seed(seed: int) -> None:

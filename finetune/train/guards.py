@@ -82,8 +82,8 @@ def count_nonfinite(in_a_row: int, nonfinite: bool, loss: float, step: int, limi
 
 def check_engine_arguments(model, tokenizer, config, noise) -> None:
     """What Engine(...) is given is what it needs: a transformers model, its tokenizer, a TrainConfig, a NoiseConfig."""
-    from finetune.train.config import TrainConfig
     from finetune.data.noise import NoiseConfig
+    from finetune.train.config import TrainConfig
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"Engine: model must be a transformers seq2seq model (an nn.Module with a .config), got "

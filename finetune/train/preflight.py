@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune.data.pairs import read_pairs
 from finetune.data.collate import IGNORE_INDEX
+from finetune.data.pairs import read_pairs
 
 SMALL_LR = 1e-4  # a rate at or below this barely moves randomly initialised tensors in an epoch (docs/guards.md)
 

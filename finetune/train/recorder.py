@@ -22,6 +22,7 @@ import json
 import os
 import time
 import warnings
+
 from finetune.checks import is_number
 
 SINKS = ("tensorboard", "mlflow", "wandb")

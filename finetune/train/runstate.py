@@ -26,9 +26,9 @@ import warnings
 from dataclasses import dataclass
 
 from finetune import distributed
-from finetune.train.checkpoint import CheckpointError, load_model_tensors, rng_state, save_checkpoint
 from finetune.data.stream import Stream
 from finetune.data.training import Corpus
+from finetune.train.checkpoint import CheckpointError, load_model_tensors, rng_state, save_checkpoint
 from finetune.train.guards import TrainingStopped
 from finetune.train.optim import optimizer_state_bytes
 
