@@ -20,7 +20,7 @@ from finetune.methods.lora import LoRALinear
 from finetune.models import tiny_bart
 from finetune.methods.quant import is_quantized
 from finetune.run_build import check_setup
-from finetune.train.runstate import Best
+from finetune.train.best import Best
 
 from conftest import RUN_DATA as DATA, RUN_EVAL as EVAL, spoil_after  # the short run with validation
 from conftest import short_run as cfg

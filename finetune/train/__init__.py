@@ -2,7 +2,9 @@
 
     engine      `Engine`: prepare / train_step / fit / evaluate / generate / check; the step in one place
     config      `TrainConfig`, every setting checked once
-    runstate    what a prepared run holds, its checkpointer, step log, signals, the best evaluation
+    run         what a prepared run holds; what fit does at an evaluation and at the end
+    best        the best evaluation so far, early stopping
+    checkpointer, steplog, signals   checkpoints while it trains, the step log, SIGTERM / SIGINT
     loss        the token loss (fused with the LM head where it saves memory)
     optim       optimizers, parameter groups (decay / no decay, learning-rate overrides), schedules
     precision   fp32 / bf16 / fp16 autocast and the loss scaler

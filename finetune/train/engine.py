@@ -8,7 +8,7 @@ The training step is `Engine.train_step`, read top to bottom:
     unscale -> clip -> optimizer step, skipped on a non-finite loss (finetune.train.precision) -> schedule -> zero grads
 
 `Engine.prepare` does everything before the first step (read and tokenise the data, build the optimizer and
-schedule, resume); `fit` is prepare + the loop over windows + logging, checkpoints (finetune.train.runstate) and
+schedule, resume); `fit` is prepare + the loop over windows + logging, checkpoints (finetune.train.run) and
 the saved model. A custom loop, a benchmark or a test calls `prepare` and then `train_step` on windows it
 makes (`windows`), exactly as `fit` does.
 """
@@ -34,7 +34,9 @@ from finetune.methods.freeze import trainable_report
 from finetune.models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
 from finetune.store.export import save_model_folder, save_outputs
 from finetune.store.outputs import RunLock, claim_for_fresh_run
+from finetune.train.best import Best
 from finetune.train.checkpoint import find_checkpoint, load_checkpoint
+from finetune.train.checkpointer import Checkpointer
 from finetune.train.config import TrainConfig
 from finetune.train.guards import (TrainingStopped, check_device, check_engine_arguments, check_evaluation_settings,
                                    check_gradients, check_overfit_arguments, count_nonfinite)
@@ -42,8 +44,9 @@ from finetune.train.loss import TrainingLoss
 from finetune.train.optim import build_optimizer, build_scheduler, describe_groups, optimizer_name, param_groups
 from finetune.train.precision import Precision
 from finetune.train.recorder import Recorder
-from finetune.train.runstate import (Best, Checkpointer, StepLog, StopOnSignal, Tokenized, TrainingRun,
-                                     evaluate_during_fit, finish, subset)
+from finetune.train.run import Tokenized, TrainingRun, evaluate_during_fit, finish, subset
+from finetune.train.signals import StopOnSignal
+from finetune.train.steplog import StepLog
 
 
 def set_seed(seed: int) -> None:

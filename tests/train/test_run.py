@@ -14,7 +14,7 @@ from finetune import Engine, TrainConfig
 from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart, tiny_bert2bert
 from finetune.run_build import check_setup
-from finetune.train.runstate import Best
+from finetune.train.best import Best
 
 
 
