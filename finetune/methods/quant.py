@@ -7,6 +7,7 @@ finetune.store.export saves) and `weight_bytes()`, and are frozen: adapters trai
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +91,10 @@ class QuantizeReport:
 
 
 def replace_linears(model: nn.Module, make, skip, what: str) -> QuantizeReport:
-    """Replace every plain nn.Linear by `make(linear)`, except the LM head, LoRA's own layers and modules whose
-    name (or whose weight's name) matches a `skip` regex. Embeddings stay as they are. Prints the report."""
-    skip_res = compile_patterns(skip, f"{what} skip")
+    """Replace every plain nn.Linear by `make(linear)`, except the LM head, LoRA's own layers, the layers the
+    model's class keeps in float when transformers quantises it (`float_kept`) and modules whose name (or whose
+    weight's name) matches a `skip` regex. Embeddings stay as they are. Prints the report."""
+    skip_res = compile_patterns(list(skip) + float_kept(model), f"{what} skip")
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replaced, before, after = 0, 0, 0
     for name, module in list(model.named_modules()):
@@ -110,6 +112,14 @@ def replace_linears(model: nn.Module, make, skip, what: str) -> QuantizeReport:
     report = QuantizeReport(what, replaced, before, after)
     print(report, flush=True)
     return report
+
+
+def float_kept(model: nn.Module) -> list[str]:
+    """Regexes of the layers a quantised base keeps in float: those the model's class names in
+    `_keep_in_fp32_modules`, as transformers does when it quantises it. T5's feed-forward output `wo` is one: T5
+    casts the activations entering `wo` to `wo.weight.dtype` (unless int8), which for 4-bit codes (uint8) would
+    turn them into integers; and Flan-T5-XXL loses accuracy with an 8-bit `wo` (transformers issue 20287)."""
+    return [rf"(^|\.){re.escape(name)}$" for name in getattr(model, "_keep_in_fp32_modules", None) or ()]
 
 
 def _float_output(module, inputs, output):
