@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -27,10 +28,10 @@ import time
 import numpy as np
 
 from finetune.data.columns import Block, Examples, in_memory
-from finetune.data.sources import DataError, is_dataset, open_source, parse_chunk
+from finetune.data.sources import CHUNK_ROWS, DataError, is_dataset, open_source, parse_chunk
 from finetune.data.tokenize import TokenizeReport, tokenize_pairs
 
-FORMAT = 1  # of the cache folders; part of the key
+FORMAT = 2  # of the cache folders; part of the key (2: files known by inode change time too; a content digest)
 
 
 def cache_root(cache_dir: str | None) -> str:
@@ -73,6 +74,8 @@ def open_cached(folder: str) -> Examples:
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     path = os.path.join(folder, "examples.arrow")
+    if file_digest(path) != meta.get("sha256"):  # a file damaged in place: a flipped id would train silently
+        raise ValueError(f"{path}: its content digest differs from the one written with it (meta.json sha256)")
     table = pa.ipc.open_stream(pa.memory_map(path)).read_all()  # zero-copy: pages are read as they are used
     blocks = []
     for batch in table.to_batches():
@@ -85,6 +88,35 @@ def open_cached(folder: str) -> Examples:
     if len(examples) != report.examples:
         raise ValueError(f"{len(examples)} examples where {report.examples} were written")
     return examples
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file, read in 8 MiB blocks (hardware SHA on most x86 CPUs: about a second per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_dead_builds(root: str) -> list[str]:
+    """The `<key>.tmp-<pid>` folders of cache builds whose process is gone (killed mid-build): removed. A live
+    builder's folder (its process exists, or belongs to another user) is never touched."""
+    removed = []
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        stem, _, pid = name.rpartition(".tmp-")
+        if not stem or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue  # another user's live process (or no such pid to ask about): leave it
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(name)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,11 +148,16 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
     schema = pa.schema([("source", pa.string()), ("target", pa.string()), ("input_ids", pa.list_(pa.int32())),
                         ("labels", pa.list_(pa.int32()))])
     tmp = f"{folder}.tmp-{os.getpid()}"
+    dead = remove_dead_builds(os.path.dirname(folder))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     started, counts, digest = time.perf_counter(), [0, 0, 0], hashlib.sha256()
     try:
-        chunks = _tokenised_chunks(source, (tokenizer, fields, lengths, decoder_start), num_proc)
+        read = source.chunks(*fields)
+        cores = default_num_proc()
+        first = list(itertools.islice(read, min(num_proc, cores)))  # no more workers than cores or chunks
+        workers = max(1, min(num_proc, cores, len(first)))
+        chunks = _tokenised_chunks(itertools.chain(first, read), (tokenizer, fields, lengths, decoder_start), workers)
         with open(os.path.join(tmp, "examples.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
                 contextlib.closing(chunks):
             for block, report, digests in chunks:
@@ -136,11 +173,16 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
         if not counts[0]:
             raise source.no_pairs()
         seconds = time.perf_counter() - started
+        capped = "" if workers == num_proc else f" (num_proc {num_proc}: " + (
+            f"the data is {len(first)} chunk(s) of {CHUNK_ROWS} rows)" if len(first) < min(num_proc, cores) else
+            f"capped at the {cores} core(s))")
+        cleaned = f"; removed {len(dead)} folder(s) of killed builds" if dead else ""
         meta = {"format": FORMAT, "source": source.description, "report": dict(zip(
                     ("examples", "truncated_sources", "truncated_targets"), counts)),
-                "fingerprint": digest.hexdigest(), "num_proc": num_proc, "seconds": round(seconds, 3),
-                "origin": f"tokenised in {num_proc} process(es) in {seconds:.1f} s on "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}"}
+                "fingerprint": digest.hexdigest(), "num_proc": workers, "seconds": round(seconds, 3),
+                "sha256": file_digest(os.path.join(tmp, "examples.arrow")),
+                "origin": f"tokenised in {workers} process(es){capped} in {seconds:.1f} s on "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}{cleaned}"}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         try:
@@ -152,8 +194,8 @@ def build(source, folder: str, tokenizer, fields, lengths, decoder_start: int, n
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokenised_chunks(source, args: tuple, num_proc: int):
-    """(block, report, digests) of each chunk of `source`, in file order: tokenised in this process (num_proc 1:
+def _tokenised_chunks(chunks, args: tuple, num_proc: int):
+    """(block, report, digests) of each of `chunks`, in file order: tokenised in this process (num_proc 1:
     its tokenizer keeps its own threads) or in `num_proc` worker processes, a few chunks in flight, never the
     file. A bad row raises here, the first in file order; the workers stop when this generator is closed."""
     import multiprocessing
@@ -162,7 +204,7 @@ def _tokenised_chunks(source, args: tuple, num_proc: int):
     if num_proc <= 1:
         _WORKER.update(tokenizer=tokenizer, fields=fields, lengths=lengths, decoder_start=decoder_start)
         try:
-            for chunk in source.chunks(*fields):
+            for chunk in chunks:
                 result = _tokenize_chunk(chunk)
                 if result is not None:
                     yield result
@@ -174,7 +216,7 @@ def _tokenised_chunks(source, args: tuple, num_proc: int):
     pending = collections.deque()
     try:
         try:
-            for chunk in source.chunks(*fields):
+            for chunk in chunks:
                 pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
                 while len(pending) >= 2 * num_proc:
                     result = pending.popleft().get()
@@ -239,8 +281,11 @@ def load(data, tokenizer, config, decoder_start: int, name: str = "data", dist=N
         raise failure
     if examples is None:  # rank 0 opened its cache hit already
         examples = open_cached(folder)
-    examples.origin = warning + (f"{examples.origin}; cached in {folder}" if built else
-                                 f"cache hit {folder} ({examples.origin}; not tokenised again)")
+    known = ("files known by path, size, modification and inode-change time" if source.files else
+             "the dataset known by its fingerprint")
+    examples.origin = warning + (f"{examples.origin}; cached in {folder} ({known})" if built else
+                                 f"cache hit {folder} ({examples.origin}; {known}, content digest checked; not "
+                                 "tokenised again)")
     return examples.pairs(), examples
 
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import csv
 import json
+import lzma
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 CHUNK_ROWS = 4096  # rows (lines) a chunk holds
 FILE_FORMATS = (".jsonl", ".json", ".tsv", ".csv", ".parquet")
+# text formats may be compressed (what HF datasets reads too): the suffix names the module that opens it
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
 
 
 class DataError(ValueError):
@@ -86,25 +90,60 @@ def open_source(data, name: str = "data") -> Source:
     return Source(path, [_stat(path)], files=[path])
 
 
+def data_format(path: str) -> tuple[str, str]:
+    """(format, compression) by the file's suffixes: "a.jsonl.gz" -> (".jsonl", ".gz"); "a.csv" -> (".csv", "")."""
+    base, ext = os.path.splitext(path.lower())
+    if ext in COMPRESSIONS:
+        return os.path.splitext(base)[1], ext
+    return ext, ""
+
+
 def _check_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FILE_FORMATS:
-        raise DataError(f"{path}: unknown data format '{ext}' (use .jsonl, .tsv, .csv or .parquet)")
+    ext, compression = data_format(path)
+    if ext not in FILE_FORMATS or (compression and ext == ".parquet"):
+        raise DataError(f"{path}: unknown data format '{ext}{compression}' (use .jsonl, .json, .tsv, .csv or .parquet; "
+                        f"the text formats may be compressed: {', '.join(COMPRESSIONS)})")
     return ext
 
 
+def _open_binary(path: str):
+    """The file's bytes, decompressed by its suffix (.gz, .bz2, .xz; .zst with the zstandard package)."""
+    compression = data_format(path)[1]
+    if not compression:
+        return open(path, "rb")
+    try:
+        module = __import__(COMPRESSIONS[compression])
+    except ImportError:
+        raise DataError(f"{path}: reading {compression} files needs the {COMPRESSIONS[compression]} package: pip "
+                        f"install {COMPRESSIONS[compression]}") from None
+    return module.open(path, "rb")
+
+
 def _stat(path: str) -> list:
+    """What identifies a file's contents for the cache: its path, size, modification time and inode change time.
+    The last cannot be set back by a user (restoring a modification time changes it), so a file edited in place
+    with its size and modification time restored is still told apart."""
     st = os.stat(path)
-    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _shards(folder: str) -> Source:
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
-    shards = [os.path.join(folder, n) for n in names if os.path.splitext(n)[1].lower() in FILE_FORMATS]
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))  # hidden files (.DS_Store) are not data
+    shards, unread = [], []
+    for n in names:
+        ext, compression = data_format(n)
+        readable = ext in FILE_FORMATS and not (compression and ext == ".parquet")
+        (shards if readable and os.path.isfile(os.path.join(folder, n)) else unread).append(n)
     if not shards:
-        raise DataError(f"{folder}: is a folder with no data files in it (.jsonl, .tsv, .csv or .parquet shards), nor "
-                        "a datasets.save_to_disk folder")
-    kinds = sorted({os.path.splitext(s)[1].lower() for s in shards})
+        raise DataError(f"{folder}: is a folder with no data files in it (.jsonl, .json, .tsv, .csv or .parquet "
+                        "shards), nor a datasets.save_to_disk folder")
+    if unread:
+        raise DataError(f"{folder}: holds {len(unread)} entr{'y' if len(unread) == 1 else 'ies'} that would not be "
+                        f"read as data: {unread[:5]}{' ...' if len(unread) > 5 else ''}; a shard folder holds data "
+                        f"files only (.jsonl, .json, .tsv, .csv, .parquet; the text formats may be compressed: "
+                        f"{', '.join(COMPRESSIONS)}): move the others out")
+    shards = [os.path.join(folder, n) for n in shards]
+    kinds = sorted({data_format(s)[0] for s in shards})
     if len(kinds) > 1:
         raise DataError(f"{folder}: holds shards of several formats {kinds}; keep one format in a folder")
     return Source(f"{folder} ({len(shards)} {kinds[0]} shards)", [_stat(s) for s in shards], files=shards)
@@ -158,17 +197,22 @@ def file_chunks(path: str, source_field: str, target_field: str, size: int = CHU
 def _raw_lines(path: str):
     """(line number, file offset, bytes) of every line, the leading byte-order mark dropped."""
     try:
-        f = open(path, "rb")
+        f = _open_binary(path)
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    number = 0
     with f:
         offset = 0
-        for number, raw in enumerate(f, start=1):
-            start = offset
-            offset += len(raw)
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw, start = raw[3:], start + 3
-            yield number, start, raw.rstrip(b"\n")
+        try:
+            for number, raw in enumerate(f, start=1):
+                start = offset
+                offset += len(raw)
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw, start = raw[3:], start + 3
+                yield number, start, raw.rstrip(b"\n")
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:  # a damaged or cut compressed file
+            raise DataError(f"{path}: cannot be decompressed after line {number} ({type(err).__name__}: {err}); "
+                            "the file is damaged or was cut short") from None
 
 
 def decode(path: str, number: int, offset: int, raw: bytes) -> str:
@@ -180,7 +224,7 @@ def decode(path: str, number: int, offset: int, raw: bytes) -> str:
 
 
 def _starts_with_bracket(path: str) -> bool:
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
     return head.startswith(b"[")
 

@@ -150,7 +150,7 @@ def test_the_cache_is_hit_and_invalidated(tmp_path):
     tok = char_tokenizer("bart")
     path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
     first = load(path, tok, config(tmp_path), 2)[1]
-    assert "tokenised in 2 process(es)" in first.origin and "cached in" in first.origin
+    assert "tokenised in 1 process(es) (num_proc 2: " in first.origin and "cached in" in first.origin  # 1 chunk
     again = load(path, tok, config(tmp_path), 2)[1]
     assert again.origin.startswith("cache hit") and "not tokenised again" in again.origin
     assert again.fingerprint == first.fingerprint
@@ -420,3 +420,111 @@ def test_a_stream_of_shards_gives_each_rank_its_own_files(tmp_path):
     assert rows[0] == PAIRS[0:60] + PAIRS[120:180] and rows[1] == PAIRS[60:120] + PAIRS[180:240]
     odd = [(s, t) for _, s, t in Stream(str(folder), tok, cfg, 2, 1, 3).rows()]  # 4 files, 3 ranks: by rows
     assert odd == PAIRS[1::3]
+
+
+# --- what the cache and the shard folders must never do silently -----------------------------------------------
+
+def test_compressed_shards_are_read_and_a_file_that_would_not_be_read_is_named(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    tok = char_tokenizer("bart")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", PAIRS[:60])
+    for k, (suffix, module) in enumerate(((".gz", gzip), (".bz2", bz2), (".xz", lzma)), start=1):
+        with module.open(folder / f"part-{k}.jsonl{suffix}", "wt", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS[60 * k:60 * (k + 1)]))
+    pairs, examples = load(str(folder), tok, config(tmp_path), 2)
+    assert list(pairs) == PAIRS and len(examples) == len(PAIRS)  # every shard, in name order
+    assert read_pairs(str(folder)) == PAIRS  # the in-memory path reads them alike
+    (folder / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match=r"shards: holds 1 entry that would not be read as data: \['notes.txt'\]"):
+        load(str(folder), tok, config(tmp_path), 2)
+    (folder / "notes.txt").unlink()
+    (folder / "part-9.jsonl.gz").write_bytes(gzip.compress(b'{"source": "a", "target": "b"}\n')[:-8])  # cut short
+    with pytest.raises(DataError, match=r"part-9\.jsonl\.gz: cannot be decompressed"):
+        load(str(folder), tok, config(tmp_path, cache_data=False), 2)
+
+
+def test_a_zst_file_without_its_module_is_named(tmp_path):
+    try:
+        import zstandard  # noqa: F401
+        pytest.skip("zstandard is installed here: .zst files are read")
+    except ImportError:
+        pass
+    path = tmp_path / "a.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(DataError, match=r"a\.jsonl\.zst: reading \.zst files needs the zstandard package"):
+        read_pairs(str(path))
+
+
+def test_a_file_edited_in_place_with_its_size_and_time_restored_is_not_a_cache_hit(tmp_path):
+    tok = char_tokenizer("bart")
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    assert "inode-change time" in load(path, tok, config(tmp_path), 2)[1].origin  # the log says what the key holds
+    before = os.stat(path)
+    text = open(path, encoding="utf-8").read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace("teh cat 0", "teh cap 0", 1))  # the same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the modification time put back
+    assert os.path.getsize(path) == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    pairs, examples = load(path, tok, config(tmp_path), 2)
+    assert not examples.origin.startswith("cache hit") and pairs[0] == ("teh cap 0", "the cat 0")
+
+
+@pytest.mark.parametrize("damage", ["one id", "16 bytes"])
+def test_a_cache_file_damaged_in_place_is_built_again(tmp_path, damage):
+    tok = char_tokenizer("bart")
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    first = load(path, tok, config(tmp_path), 2)[1]
+    ids = [list(first[i].input_ids) for i in range(len(first))]
+    (folder,) = [p for p in (tmp_path / "cache").iterdir()]
+    arrow = folder / "examples.arrow"
+    data = bytearray(arrow.read_bytes())
+    if damage == "one id":  # the int32 id of the first source's first character, changed by one
+        at = bytes(data).index(int(ids[0][1]).to_bytes(4, "little"))
+        data[at] ^= 1
+    else:
+        middle = len(data) // 2
+        data[middle:middle + 16] = bytes(16)
+    arrow.write_bytes(bytes(data))
+    again = load(path, tok, config(tmp_path), 2)[1]  # the log says it was damaged and tokenised again
+    assert "damaged" in again.origin and "content digest" in again.origin
+    assert [list(again[i].input_ids) for i in range(len(again))] == ids
+
+
+def test_the_folders_of_killed_cache_builds_are_removed_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    tok = char_tokenizer("bart")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cache = tmp_path / "cache"
+        for pid in (gone.pid, alive.pid):
+            (cache / f"0123abcd.tmp-{pid}").mkdir(parents=True)
+            (cache / f"0123abcd.tmp-{pid}" / "examples.arrow").write_bytes(b"partial")
+        examples = load(write_jsonl(tmp_path / "a.jsonl", PAIRS), tok, config(tmp_path), 2)[1]
+        left = sorted(p.name for p in cache.iterdir())
+        assert f"0123abcd.tmp-{alive.pid}" in left and f"0123abcd.tmp-{gone.pid}" not in left
+        assert "removed 1 folder(s) of killed builds" in examples.origin
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_num_proc_is_capped_at_the_cores_and_the_chunks(tmp_path):
+    from finetune.data.corpus import default_num_proc
+
+    tok = char_tokenizer("bart")
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS)  # 240 rows: one chunk
+    examples = load(path, tok, config(tmp_path, num_proc=1000), 2)[1]
+    assert "tokenised in 1 process(es) (num_proc 1000: " in examples.origin
+    big = write_jsonl(tmp_path / "big.jsonl", PAIRS * 40)  # 9,600 rows: 3 chunks
+    examples = load(big, tok, config(tmp_path, num_proc=1000), 2)[1]
+    workers = min(3, default_num_proc())
+    assert f"tokenised in {workers} process(es) (num_proc 1000: " in examples.origin
