@@ -181,9 +181,12 @@ def add_biases_to(model: nn.Module, names) -> None:
 
 
 def _add_biases(model: nn.Module) -> int:
+    """Give each bias-free nn.Linear (not the LM head, not one an earlier call wrapped already) an added bias."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and m.bias is None and m is not output]
-    if not names:
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LinearWithAddedBias)}
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and m.bias is None and m is not output and id(m) not in wrapped]
+    if not names and not wrapped:
         raise ValueError("bitfit: add_missing_biases found no bias-free nn.Linear layer to give a bias")
     add_biases_to(model, names)
     return len(names)

@@ -90,6 +90,7 @@ LORA_SETTINGS = (
     Setting("lora_plus_ratio", None, float, _positive, "LoRA+: B trains at this multiple of A's learning rate "
             "(Hayou et al., 2024: 16); none: the same rate"),
 )
+APPLIED = "finetune_method"  # the model attribute naming the method applied to it
 ADAPTER_LR = 1e-3  # adapters and biases start from zero or train few tensors (benchmarks/results/spelling_recipes)
 FULL_LR = 2e-4  # full fine-tuning of the main job: 2e-4 beat 1e-4 and 3e-4 (benchmarks/results/spelling_recipes)
 
@@ -119,8 +120,13 @@ class Method:
         return {**self.defaults, **{k: by_name[k].validate(v, where, prefix) for k, v in given.items()}}
 
     def __call__(self, model: nn.Module, new_tensors=(), **settings) -> nn.Module:
+        applied = getattr(model, APPLIED, None)
+        if applied is not None:
+            raise ValueError(f"apply_method: this model has the method {applied!r} applied already; a second method "
+                             f"({self.name!r}) would wrap its layers again. Apply one method to a freshly loaded model")
         resolved = self.resolve(settings)
         self.apply(model, list(new_tensors or ()), resolved)
+        setattr(model, APPLIED, self.name)
         return model
 
 

@@ -30,6 +30,27 @@ INSTALL = {"tensorboard": "pip install -e '.[tensorboard]'", "mlflow": "pip inst
            "wandb": "pip install -e '.[wandb]'"}
 
 
+REACH_TIMEOUT_S = 5.0  # a tracking server that does not accept a connection in this time is reported, not waited for
+
+
+def check_reachable(url: str, setting: str) -> None:
+    """A tracker's server must accept a TCP connection within REACH_TIMEOUT_S: its client would otherwise retry for
+    minutes before the first step. ConnectionError naming the setting and the URL."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConnectionError(f"{setting}={url}: no server answers at {parsed.hostname}:{port} within "
+                              f"{REACH_TIMEOUT_S:g} s ({err.strerror or err}); start it, correct {setting}, or leave "
+                              "the tracker out of report_to") from None
+
+
 def numbers(record: dict) -> dict[str, float]:
     """The record's numbers (not step or epoch) as `split/name` (the final evaluation's: `final_eval/name`);
     nested mappings flattened with '.'."""
@@ -75,6 +96,7 @@ class MLflowSink:
         os.makedirs(output_dir, exist_ok=True)
         local = os.path.abspath(output_dir)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(local, "mlflow.db")
+        check_reachable(uri, "MLFLOW_TRACKING_URI")
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "finetune")
         experiment = self.client.get_experiment_by_name(name)
@@ -103,8 +125,11 @@ class WandbSink:
         import wandb
 
         os.makedirs(output_dir, exist_ok=True)
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode == "online":
+            check_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), "WANDB_BASE_URL")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "finetune"), dir=output_dir, config=config,
-                              mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+                              mode=mode, reinit="create_new")
 
     def write(self, record: dict) -> None:
         values = numbers(record)
@@ -154,6 +179,10 @@ class Recorder:
                 sink.write(record)
             except Exception as err:  # a tracker's failure never loses the run: metrics.jsonl has every record
                 self.sinks.remove(sink)
+                try:
+                    sink.close()  # its run ends (marked finished) with what it had
+                except Exception:
+                    pass
                 warnings.warn(f"report_to {sink.name!r} failed while writing ({type(err).__name__}: {err}); it gets no "
                               "more records this run, metrics.jsonl keeps them all", stacklevel=2)
 

@@ -98,3 +98,37 @@ def test_bitfit_training_changes_only_biases(tmp_path, family):
         assert torch.equal(param, before[name]), f"{name} changed but is not a bias"
     changed = [n for n, p in model.named_parameters() if n.endswith(".bias") and not torch.equal(p, before[n])]
     assert changed
+
+
+@pytest.mark.parametrize("name", ["full", "frozen-encoder", "bitfit", "lora", "int8-lora", "dora", "lora-plus",
+                                  "rslora", "qlora"])
+def test_a_second_method_is_refused_before_anything_changes(name):
+    from finetune import METHODS, apply_method
+
+    assert name in METHODS
+    if "int8" in name or "qlora" in name:
+        pytest.importorskip("bitsandbytes")
+    model, _ = build("t5")
+    settings = {"add_missing_biases": True} if name == "bitfit" else {}
+    apply_method(model, name, **settings)
+    before = ({n: type(m).__name__ for n, m in model.named_modules()},
+              {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()})
+    for second in ("lora", name):
+        with pytest.raises(ValueError, match=f"has the method '{name}' applied already"):
+            apply_method(model, second, **(settings if second == name else {}))
+    after = ({n: type(m).__name__ for n, m in model.named_modules()},
+             {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()})
+    assert after[0] == before[0] and after[1].keys() == before[1].keys()
+    assert all(after[1][k][0] == before[1][k][0] and torch.equal(after[1][k][1], before[1][k][1]) for k in before[1])
+
+
+def test_bitfit_with_added_biases_twice_is_exactly_once_and_saves(tmp_path):
+    model, tok = build("t5")
+    bitfit(model, add_missing_biases=True)
+    once = sum(isinstance(m, LinearWithAddedBias) for m in model.modules())
+    bitfit(model, add_missing_biases=True)
+    assert sum(isinstance(m, LinearWithAddedBias) for m in model.modules()) == once
+    assert not any(isinstance(m.base, LinearWithAddedBias) for m in model.modules() if isinstance(m, LinearWithAddedBias))
+    cfg = TrainConfig(lr=1e-3, batch_size=2, max_steps=2, progress=False, precision="fp32", output_dir=str(tmp_path))
+    Engine(model, tok, cfg).fit(SPELLING)
+    assert (tmp_path / "model" / "config.json").exists()

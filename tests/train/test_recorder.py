@@ -39,6 +39,7 @@ def test_on_evaluate_sees_every_evaluation_and_the_log_holds_train_eval_and_even
 
 class Broken:
     name = "broken"
+    closed = []
 
     def __init__(self, output_dir, config):
         self.calls = 0
@@ -47,7 +48,7 @@ class Broken:
         raise OSError("disk full")
 
     def close(self):
-        pass
+        Broken.closed.append(self)
 
 
 def test_a_sink_that_fails_while_writing_never_loses_the_run(tmp_path, monkeypatch):
@@ -59,6 +60,25 @@ def test_a_sink_that_fails_while_writing_never_loses_the_run(tmp_path, monkeypat
         history = engine.fit(DATA, eval=EVAL)
     assert len(history["train"]) == 4 and os.path.isdir(tmp_path / "model")
     assert len([r for r in records(tmp_path) if r["split"] == "train"]) == 4
+    assert len(Broken.closed) == 1  # the dropped tracker's run was ended, once
+
+
+@pytest.mark.parametrize("tracker, variables", [
+    ("mlflow", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
+    ("wandb", {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9"})])
+def test_an_unreachable_tracking_server_fails_before_the_first_step_naming_it(tmp_path, monkeypatch, tracker,
+                                                                              variables):
+    import time
+
+    pytest.importorskip(tracker)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    engine = Engine(*tiny_bart(), cfg(tmp_path, report_to=[tracker]))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"=http://127\.0\.0\.1:9: no server answers at 127\.0\.0\.1:9"):
+        engine.fit(DATA, eval=EVAL)
+    assert time.monotonic() - started < 60  # a hang guard: the clients' own retries take minutes
+    assert engine.global_step == 0
 
 
 def test_a_sink_that_cannot_start_stops_before_the_first_step(tmp_path, monkeypatch):
