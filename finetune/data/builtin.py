@@ -115,8 +115,8 @@ def _functions(path: str, module: str, private: bool):
         with open(path, encoding="utf-8") as f:
             text = f.read()
         tree = ast.parse(text)
-    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-        return []  # a module this interpreter cannot parse (e.g. a template) has no pairs
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError, MemoryError):
+        return []  # a module this interpreter cannot parse (a template; nesting deeper than the parser's limit)
     lines, out = text.splitlines(), []
 
     def visit(body, prefix):
@@ -128,7 +128,10 @@ def _functions(path: str, module: str, private: bool):
                 if pair:
                     out.append((f"{prefix}.{node.name}", *pair))
 
-    visit(tree.body, module)
+    try:
+        visit(tree.body, module)
+    except RecursionError:  # nesting too deep to walk: the file is skipped like one that does not parse
+        return []
     return out
 
 

@@ -23,11 +23,18 @@ def windows(data, epoch: int, start: tuple[int, int], steps: int, collate, noise
 
 def noiser(noise, tokenizer, seed: int):
     """A function (example, epoch, index) -> the example's source corrupted by `noise` (a NoiseConfig), seeded by
-    (seed, epoch, index): the same noise again on resume. No noise (None, or nothing active): the example itself."""
+    (seed, epoch, index): the same noise again on resume. No noise (None, or nothing active): the example itself.
+
+    The batches were cut by the sources' lengths before noise (`max_tokens`, `max_source_length`), and text
+    infilling's 0-length spans insert mask tokens: a noised source longer than its original is cut back to the
+    original length, keeping its last token (eos), so no batch exceeds its budget."""
     def noised(example: Example, epoch: int, index: int) -> Example:
         if noise is None or not noise.active:
             return example
-        return Example(add_noise(example.input_ids, noise, tokenizer, seed=[seed, epoch, index]), example.labels)
+        ids, n = add_noise(example.input_ids, noise, tokenizer, seed=[seed, epoch, index]), len(example.input_ids)
+        if len(ids) > n:
+            ids = ids[:n - 1] + ids[-1:]
+        return Example(ids, example.labels)
     return noised
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from finetune.distributed import load_full_state
 from finetune.store.outputs import replace_dir
-from finetune.train.optim import flat_optimizer_state, nested_optimizer_state
+from finetune.train.optim import family_adam, flat_optimizer_state, nested_optimizer_state, optimizer_name
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -294,9 +294,10 @@ def _resume_problems(state: dict, model, config: dict, data_hash: str, world_siz
         ours, theirs = set(_trainable(model)), set(state["trainable"])
         problems.append(f"the trainable parameters differ ({len(ours - theirs)} trainable now but not then, "
                         f"{len(theirs - ours)} then but not now, e.g. {sorted(ours ^ theirs)[:2]})")
+    used = _as_used(model)
     for key in RESUME_MUST_MATCH:  # a key newer than the checkpoint had its default then
         saved, now = state["config"].get(key, ADDED_LATER.get(key)), config.get(key)
-        if _normalise(saved) != _normalise(now):
+        if _normalise(used.get(key, _same)(saved)) != _normalise(used.get(key, _same)(now)):
             problems.append(f"config.{key} was {saved!r}, is now {now!r}")
     if state["data_fingerprint"] != data_hash:
         problems.append("the training data differ (tokenised examples)" if state.get("fingerprints") == 2 else
@@ -348,6 +349,18 @@ def _copy_into(model, tensors: dict) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)
+
+
+def _same(value):
+    return value
+
+
+def _as_used(model) -> dict:
+    """What a setting left unset (None) means for this model, so a resume compares what was used, not how it was
+    spelt: the optimizer, betas and eps of the family's recipe."""
+    betas, eps = family_adam(model)
+    return {"optimizer": lambda v: optimizer_name(model, v), "betas": lambda v: betas if v is None else v,
+            "eps": lambda v: eps if v is None else v}
 
 
 def _normalise(value):

@@ -69,6 +69,7 @@ def stdlib(tmp_path):
     (tmp_path / "test" / "test_tools.py").write_text(MODULE)
     (tmp_path / "pkg" / "test_more.py").write_text(MODULE)
     (tmp_path / "broken.py").write_text("def (:\n")
+    (tmp_path / "deep.py").write_text("x = " + "+".join(["1"] * 200_000) + "\n")  # RecursionError in ast.parse
     return str(tmp_path)
 
 

@@ -146,3 +146,25 @@ def test_engine_noises_sources_per_epoch_and_keeps_targets(tmp_path):
     assert epoch0 != epoch1  # sources corrupted differently in each epoch
     assert any(MASK in src for src, _ in epoch0)
     assert all(MASK not in lab for _, lab in epoch0)
+
+
+def test_infilling_never_pushes_a_batch_past_its_token_budget(tmp_path):
+    """0-length infilling spans insert masks (sources grow); the batches were cut by the lengths before noise, so
+    the engine cuts a grown source back: every collated micro-batch stays within max_tokens."""
+    from conftest import SPELLING
+    from finetune import Engine, TrainConfig
+    from finetune.models import tiny_bart
+
+    noise = NoiseConfig(infill_rate=0.5, poisson_lambda=0.05)  # nearly every span is empty: masks inserted
+    tok = char_tokenizer("bart")
+    source = tok("the cat sat on the mat")["input_ids"]
+    assert max(len(add_noise(source, noise, tok, seed=[0, 0, i])) for i in range(20)) > len(source)  # it grows
+    model, tok = tiny_bart(tok)
+    pairs = [(f"{s} and the {s}", t) for s, t in SPELLING] * 4
+    cfg = TrainConfig(max_tokens=96, max_source_length=48, max_target_length=48, epochs=2, progress=False,
+                      output_dir=str(tmp_path))
+    engine = Engine(model, tok, cfg, noise=noise)
+    run = engine.prepare(pairs)
+    sizes = [b["input_ids"].shape[0] * (b["input_ids"].shape[1] + b["labels"].shape[1])
+             for epoch in range(2) for _, window in engine.windows(run, epoch) for b in window]
+    assert sizes and max(sizes) <= 96

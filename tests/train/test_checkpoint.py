@@ -254,3 +254,27 @@ def test_a_checkpoint_written_before_the_sub_packages_resumes(tmp_path, name):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_compares_the_optimizer_used_not_how_it_was_spelt(tmp_path):
+    """A run with optimizer, betas and eps unset used the family's AdamW at (0.9, 0.98), 1e-6 (BART): naming
+    them now is the same run; another optimizer is not."""
+    def run(**kw):
+        model, tok = tiny_bart(d_model=32)
+        cfg = TrainConfig(lr=3e-3, batch_size=2, max_steps=4, save_every=2, progress=False, precision="fp32",
+                          save_model=False, output_dir=str(tmp_path), **kw)
+        return Engine(model, tok, cfg)
+
+    stop = {"at": 3}  # after the checkpoint of step 2
+
+    def interrupt(engine, stats):
+        if engine.global_step == stop["at"]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(optimizer=None).fit(SPELLING, on_step=interrupt)
+    stop["at"] = None
+    with pytest.raises(CheckpointError, match="config.optimizer was None, is now 'adafactor'"):
+        run(optimizer="adafactor").fit(SPELLING, resume="latest")
+    history = run(optimizer="adamw", betas=(0.9, 0.98), eps=1e-6).fit(SPELLING, resume="latest")
+    assert history["train"][-1]["step"] == 4  # resumed at step 2 and finished
