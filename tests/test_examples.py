@@ -6,6 +6,7 @@ Python with torch and transformers per test; `--compare` starts its own processe
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -102,20 +103,21 @@ def test_bert2bert_summarization_smoke(tmp_path, model):
     assert "ROUGE-1" in out.stdout and "generated:" in out.stdout
 
 
-def test_spelling_compare_tiny_writes_table_and_chart(tmp_path):
-    methods = ["lora"]  # every method runs in test_spelling_example_smoke; here the table and chart
-    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--budget", "steps", "--max-steps", "2",
-              "--methods", *methods, "--train-size", "32", "--eval-size", "4", "--valid-size", "4", "--eval-every",
-              "1", "--num-beams", "1", "--output-dir", str(tmp_path))
+def test_spelling_compare_tiny_writes_table_and_chart_on_its_own_budget(tmp_path):
+    """--compare with its own budget (--budget-minutes): no probe of full, flags not passed on, at least 20 steps;
+    the table and the chart. (Every method runs in test_spelling_example_smoke.)"""
+    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--methods", "lora", "--budget-minutes",
+              "0.001", "--budget", "time", "--train-size", "32", "--eval-size", "4", "--valid-size", "4",
+              "--num-beams", "1", "--compare-probe-steps", "40", "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
+    assert "timing probe, full" not in out.stdout and "timing probe, lora" in out.stdout
+    assert json.loads((tmp_path / "lora" / "result.json").read_text())["steps"] == 20  # at least 20
     table = (tmp_path / "compare.md").read_text()
-    assert all(f"| {m} |" in table for m in methods) and "training min" in table
+    assert "| lora |" in table and "training min" in table
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
 def test_spelling_compare_same_minutes_sets_steps_from_a_timed_probe(tmp_path):
-    import json
-
     out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--methods", "bitfit", "--max-steps", "40",
               "--train-size", "64", "--eval-size", "4", "--valid-size", "4", "--num-beams", "1",
               "--compare-probe-steps", "40", "--output-dir", str(tmp_path))
@@ -128,14 +130,6 @@ def test_spelling_compare_same_minutes_sets_steps_from_a_timed_probe(tmp_path):
         in out.stdout
     assert len(result["curve"]) == 4  # validated 4 times, whatever its step count
     assert not (tmp_path / "full").exists()  # probed for the budget, not trained
-
-    out = run("spelling_bert2bert.py", "--model", "tiny", "--compare", "--methods", "lora", "--budget-minutes",
-              "0.001", "--budget", "time", "--train-size", "64", "--eval-size", "4", "--valid-size", "4",
-              "--num-beams", "1", "--compare-probe-steps", "40",
-              "--output-dir", str(tmp_path))  # its own budget: no probe of full, flags not passed on
-    assert out.returncode == 0, out.stderr
-    assert "timing probe, full" not in out.stdout and "timing probe, lora" in out.stdout
-    assert json.loads((tmp_path / "lora" / "result.json").read_text())["steps"] == 20  # at least 20
 
 
 @pytest.mark.parametrize("flags, message", [(["--budget-minutes", "0"], "--budget-minutes must be"),
