@@ -166,6 +166,10 @@ def main(argv=None):
     print(f"test split: {len(test)} pairs, beam {args.num_beams}, Python {python}")
     print("row      | ROUGE-L | BLEU  | exact match")
     for name, row in (("model", metrics), ("baseline", baseline)):
+        if row is metrics and metrics["collapsed"]:  # never a table row as if the run had worked
+            print(f"{name:<8} | COLLAPSED: {metrics['top_share']:.0%} of the {metrics['n']} predictions are "
+                  f"{metrics['top_prediction']!r} (ROUGE-L {row['rougeL']:.3f}, BLEU {row['bleu']:.2f}: not a result)")
+            continue
         print(f"{name:<8} | {row['rougeL']:.3f}   | {row['bleu']:5.2f} | {row['exact_match']:.3f}")
     with open(os.path.join(args.output_dir, "test_predictions.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
@@ -177,6 +181,7 @@ def main(argv=None):
             head = " ".join(r["source"].split())[:70]
             print(f"  {head}...\n    -> {r['prediction']!r}\n    want {r['target']!r}")
     result = {"model": {k: metrics[k] for k in KEYS}, "baseline": {k: baseline[k] for k in KEYS},
+              "variety": {k: metrics[k] for k in ("collapsed", "distinct_share", "top_share", "top_prediction")},
               "test_pairs": len(test), "train_seconds": train_seconds, "python": python, "cpu": cpu,
               "method": args.method, "trainable": report.trainable, "total": report.total, "steps": engine.global_step,
               "samples_per_s": samples_per_s, "peak_rss_mib": peak_mib, "precision": engine.precision.name,
@@ -209,9 +214,11 @@ def markdown_table(results) -> str:
            "peak RSS MiB |"
     rows = [head, "|" + "---|" * 10]
     for r in results:
-        m = r["model"]
+        m, variety = r["model"], r.get("variety", {})
+        rouge = (f"COLLAPSED ({variety['top_share']:.0%} one summary; {m['rougeL']:.3f})" if variety.get("collapsed")
+                 else f"**{m['rougeL']:.3f}**")
         rows.append(f"| {r['method']} | {r['lr']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | "
-                    f"**{m['rougeL']:.3f}** | {m['bleu']:.2f} | {m['exact_match']:.3f} | {r['steps']} | "
+                    f"{rouge} | {m['bleu']:.2f} | {m['exact_match']:.3f} | {r['steps']} | "
                     f"{r['train_seconds'] / 60:.1f} | {r['samples_per_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     if results:
         b = results[0]["baseline"]

@@ -61,8 +61,23 @@ def evaluate(engine, data, num_beams: int | None = None, max_new_tokens: int | N
         with open(os.path.join(cfg.output_dir, predictions_file), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
         engine.recorder.record({"split": "eval", **result})
+        if result["collapsed"]:
+            say_collapse(engine.recorder, result)
     model.train(was_training)
     return result
+
+
+def say_collapse(recorder, result: dict) -> None:
+    """A collapsed evaluation is never silent: a line in the log and a `collapse` event in metrics.jsonl."""
+    message = (f"step {result['step']}: the evaluation COLLAPSED: {result['top_share']:.0%} of the {result['n']} "
+               f"predictions are {result['top_prediction']!r} ({result['distinct_share']:.0%} distinct); the "
+               "decoder is not reading the inputs (new cross-attention not trained yet? learning rate?)")
+    recorder.log(message)
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+    recorder.event("collapse", result["step"], top_share=result["top_share"], distinct_share=result["distinct_share"],
+                   prediction=result["top_prediction"], final=bool(result.get("final")))
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ the best evaluation.
 """
 from __future__ import annotations
 
+import collections
 import re
 
 BUCKETS = ("0", "1", "2", "3", "4", "5", "6+")
@@ -53,6 +54,21 @@ class RougeTokenizer:
         return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in _TOKEN.findall(text.lower())]
 
 
+COLLAPSE_SHARE = 0.9  # one prediction for this share of the inputs or more (and 4 inputs or more): a collapse
+
+
+def collapse_of(predictions: list[str]) -> dict:
+    """How varied the predictions are: the share of distinct ones, the most frequent one and its share, and
+    whether they collapsed (the model emits (nearly) one output whatever the input: the cross-attention of a
+    warm-started decoder that never learnt to read the encoder)."""
+    if not predictions:
+        return {"distinct_share": 0.0, "top_share": 0.0, "top_prediction": "", "collapsed": False}
+    top, count = collections.Counter(p.strip() for p in predictions).most_common(1)[0]
+    share = count / len(predictions)
+    return {"distinct_share": len(set(p.strip() for p in predictions)) / len(predictions), "top_share": share,
+            "top_prediction": top[:200], "collapsed": len(predictions) >= 4 and share >= COLLAPSE_SHARE}
+
+
 class GenerationMetrics:
     def __init__(self, rouge: bool = True, bleu: bool = True):
         self.n = 0
@@ -80,9 +96,8 @@ class GenerationMetrics:
             scores = self._scorer.score(target, prediction)
             for key in self.rouge_sums:
                 self.rouge_sums[key] += scores[key].fmeasure
-        if self.bleu:
-            self.predictions.append(prediction)
-            self.targets.append(target)
+        self.predictions.append(prediction)
+        self.targets.append(target)
         return hit
 
     def result(self) -> dict:
@@ -93,6 +108,7 @@ class GenerationMetrics:
                 for b in BUCKETS if self.bucket_total[b]
             },
             "n": self.n,
+            **collapse_of(self.predictions),
         }
         if self._scorer is not None:
             out.update({k: v / self.n if self.n else 0.0 for k, v in self.rouge_sums.items()})

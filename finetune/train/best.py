@@ -14,7 +14,9 @@ class Best:
     checkpoint, so a resumed run keeps the same best and patience count.
 
     A value that is not finite (a NaN or infinite loss) is never the best: it counts as an evaluation without
-    improvement. The checkpoint is recorded by its folder name, not its path, so a run folder that was moved
+    improvement. A collapsed evaluation (one prediction for nearly every input: finetune.evaluate.metrics) never
+    replaces a healthy best, and a healthy one always replaces a collapsed best. The checkpoint is recorded by its
+    folder name, not its path, so a run folder that was moved
     or renamed still resumes and finishes (`load` resolves the name in the current checkpoints folder)."""
 
     def __init__(self, metric: str | None, patience: int | None = None, threshold: float = 0.0):
@@ -26,6 +28,7 @@ class Best:
         self.step: int | None = None
         self.path: str | None = None
         self.since = 0  # evaluations since the best
+        self.collapsed = False  # the best so far was a collapsed evaluation
 
     def update(self, result: dict, step: int) -> bool:
         """Record an evaluation; True when it is the new best."""
@@ -35,11 +38,14 @@ class Best:
         if not math.isfinite(value):
             warnings.warn(f"step {step}: evaluation {self.metric} is {value}: never the best model; it counts as an "
                           "evaluation without improvement", stacklevel=3)
-        margin = self.threshold
-        better = math.isfinite(value) and (
-            self.value is None or (value < self.value - margin if self.lower else value > self.value + margin))
+        margin, collapsed = self.threshold, bool(result.get("collapsed"))
+        if self.value is not None and collapsed != self.collapsed:
+            better = math.isfinite(value) and self.collapsed  # health first: then the metric
+        else:
+            better = math.isfinite(value) and (
+                self.value is None or (value < self.value - margin if self.lower else value > self.value + margin))
         if better:
-            self.value, self.step, self.since = value, step, 0
+            self.value, self.step, self.since, self.collapsed = value, step, 0, collapsed
         else:
             self.since += 1
         return better
@@ -51,7 +57,7 @@ class Best:
     def state(self) -> dict:
         return {"metric": self.metric, "value": self.value, "step": self.step, "path": self.path,
                 "checkpoint": os.path.basename(os.path.normpath(self.path)) if self.path else None,
-                "since": self.since}
+                "since": self.since, "collapsed": self.collapsed}
 
     def load(self, state: dict | None, directory: str, resumed_from: str = "") -> None:
         """Restore from a checkpoint's state; the best checkpoint is looked up by name in `directory` (the run's
@@ -61,7 +67,7 @@ class Best:
         self.since, value = state["since"], state["value"]
         if value is None or not math.isfinite(float(value)):
             return  # no best yet (a non-finite one, written before they were refused, is none)
-        self.value, self.step = float(value), state["step"]
+        self.value, self.step, self.collapsed = float(value), state["step"], bool(state.get("collapsed", False))
         name = state.get("checkpoint") or (os.path.basename(os.path.normpath(state["path"])) if state["path"] else None)
         self.path = os.path.join(directory, name) if name else None
         if self.path and not os.path.isdir(self.path):
