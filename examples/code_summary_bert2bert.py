@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from common import compare, cpu_description, curves, mean_rate, probe_result  # noqa: E402
+from common import PhasePeaks, compare, cpu_description, curves, mean_rate, probe_result  # noqa: E402
 from finetune import Engine, TrainConfig, trainable_report  # noqa: E402
 from finetune.data.builtin import code_summary_pairs, name_baseline  # noqa: E402
 from finetune.methods import METHODS, apply_method, new_tensor_lr, settings_of  # noqa: E402
@@ -141,8 +140,11 @@ def main(argv=None):
     engine = Engine(model, tokenizer, config)
     cpu = cpu_description()
     print(f"{engine.precision} on {cpu}")
-    started = time.perf_counter()
-    history = engine.fit(data["train"], eval=None if probe else data["validation"])
+    started, phases = time.perf_counter(), PhasePeaks()
+    phases.mark("training")
+    on_step, on_evaluate = phases.hooks()
+    history = engine.fit(data["train"], eval=None if probe else data["validation"], on_step=on_step,
+                         on_evaluate=on_evaluate)
     train_seconds = time.perf_counter() - started
     if probe:
         with open(args.result_json, "w", encoding="utf-8") as f:
@@ -150,19 +152,22 @@ def main(argv=None):
         shutil.rmtree(args.output_dir, ignore_errors=True)
         return 0
     test = data["test"]
+    phases.mark("final test evaluation (beam search)")
     metrics = engine.evaluate(test, predictions_file="test_predictions.jsonl")
+    phases.mark("report")
     baseline = GenerationMetrics()
     for code, summary in test:
         baseline.add(code, summary, name_baseline(code))
     baseline = baseline.result()
     report = trainable_report(model)
     samples_per_s = mean_rate(history["train"])
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = phases.whole_life
     best = history.get("best") or {}
     print(f"\nmethod {args.method}: {report.trainable:,} trainable of {report.total:,} parameters; "
           f"{engine.global_step} steps on {len(data['train'])} training pairs in {train_seconds:.0f} s "
           f"({train_seconds / 60:.1f} min, validation included; {samples_per_s:.1f} samples/s while training); "
-          f"best validation ROUGE-L {best.get('value', 0):.3f} at step {best.get('step')}; peak RSS {peak_mib:.0f} MiB")
+          f"best validation ROUGE-L {best.get('value', 0):.3f} at step {best.get('step')}; peak RSS {peak_mib:.0f} MiB "
+          f"({', '.join(f'{k} {v:.0f}' for k, v in phases.peaks.items())})")
     print(f"test split: {len(test)} pairs, beam {args.num_beams}, Python {python}")
     print("row      | ROUGE-L | BLEU  | exact match")
     for name, row in (("model", metrics), ("baseline", baseline)):
@@ -185,6 +190,7 @@ def main(argv=None):
               "test_pairs": len(test), "train_seconds": train_seconds, "python": python, "cpu": cpu,
               "method": args.method, "trainable": report.trainable, "total": report.total, "steps": engine.global_step,
               "samples_per_s": samples_per_s, "peak_rss_mib": peak_mib, "precision": engine.precision.name,
+              "peak_rss_by_phase_mib": {k: round(v, 1) for k, v in phases.peaks.items()},
               "max_source_length": args.max_source_length, "max_tokens": args.max_tokens, "lr": args.lr,
               "curve": [[r["step"], r["rougeL"]] for r in history["eval"] if "rougeL" in r and not r.get("final")]}
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:

@@ -40,19 +40,67 @@ def probe_result(method: str, engine, history) -> dict:
             "samples_per_step": sum(r["samples"] for r in history["train"]) / max(1, engine.global_step)}
 
 
+class PhasePeaks:
+    """Peak RSS of each phase of a run (setup, training steps, validation, the final test evaluation), beside the
+    whole-life peak an OOM killer sees. Linux: the peak is VmHWM of /proc/self/status, set back to the current RSS
+    through /proc/self/clear_refs at each mark; the whole-life peak is the largest of all the phases' peaks (the
+    reset also lowers ru_maxrss). Elsewhere every phase reads the whole-life peak (ru_maxrss)."""
+
+    def __init__(self):
+        self.peaks: dict[str, float] = {}
+        self.current = "setup"
+
+    @staticmethod
+    def _hwm_mib() -> float:
+        import resource
+
+        try:
+            with open("/proc/self/status", encoding="utf-8") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+        except (OSError, StopIteration, ValueError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def mark(self, next_phase: str) -> None:
+        """The phase that ran since the last mark ends here (its peak kept, the largest if it ran before); the
+        next one starts."""
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), self._hwm_mib())
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        self.current = next_phase
+
+    @property
+    def whole_life(self) -> float:
+        return max([*self.peaks.values(), self._hwm_mib()])
+
+    def hooks(self):
+        """(on_step, on_evaluate) for `Engine.fit`: what runs up to a step is "training", what runs between a step
+        and the end of an evaluation is "validation"."""
+        def on_evaluate(engine, result):
+            self.current = "validation"
+            self.mark("training")
+        return (lambda engine, stats: self.mark("training")), on_evaluate
+
+
 def cpu_description() -> str:
     """The CPU's model name and whether it has bf16 matrix units, for the report."""
     import platform
 
     from finetune.train.precision import cpu_bf16_units
 
-    name = platform.processor() or "unknown CPU"
+    name, fields = platform.processor() or "unknown CPU", {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+        name = fields.get("model name", name)
+    except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores, bf16 units: {cpu_bf16_units() or 'none'}"
+    family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
+    return f"{name}{family}, {os.cpu_count()} cores, bf16 units: {cpu_bf16_units() or 'none'}"
 
 
 def curves(ax, results, final, metric: str) -> None:

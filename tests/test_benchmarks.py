@@ -66,3 +66,18 @@ def test_bench_data_smoke(tmp_path):
     assert all(r["pairs"] == 300 and r["peak_first_window_mib"] > 100 for r in rows)
     assert rows[-2]["origin"].startswith("cache hit")
     assert "| 300 | file | warm |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_recipe_seeds_runs_the_job_over_seeds_and_tabulates_the_distribution(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_seeds.py"), "--runs", "fp32=2", "--out",
+           str(tmp_path), "--", "--model", "tiny", "--train-size", "32", "--valid-size", "4", "--eval-size", "8",
+           "--max-steps", "2", "--eval-every", "1", "--max-tokens", "0", "--batch-size", "16",
+           "--max-source-length", "64", "--num-beams", "1", "--max-new-tokens", "8"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["requested"], r["seed"]) for r in runs] == [("fp32", 0), ("fp32", 1)]
+    assert all({"training", "validation", "final test evaluation (beam search)"} <= r["peak_rss_by_phase_mib"].keys()
+               and r["peak_rss_mib"] >= max(r["peak_rss_by_phase_mib"].values()) - 0.1 for r in runs)
+    table = (tmp_path / "results.md").read_text()
+    assert "family" in table and "| fp32 | 2 |" in table and "min / median / max" in table
