@@ -69,15 +69,15 @@ def test_bench_data_smoke(tmp_path):
 
 
 def test_recipe_seeds_runs_the_job_over_seeds_and_tabulates_the_distribution(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_seeds.py"), "--runs", "fp32=2", "--out",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_seeds.py"), "--runs", "fp32=1", "--out",
            str(tmp_path), "--", "--model", "tiny", "--train-size", "32", "--valid-size", "4", "--eval-size", "8",
            "--max-steps", "2", "--eval-every", "1", "--max-tokens", "0", "--batch-size", "16",
            "--max-source-length", "64", "--num-beams", "1", "--max-new-tokens", "8"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert [(r["requested"], r["seed"]) for r in runs] == [("fp32", 0), ("fp32", 1)]
+    assert [(r["requested"], r["seed"]) for r in runs] == [("fp32", 0)]
     assert all({"training", "validation", "final test evaluation (beam search)"} <= r["peak_rss_by_phase_mib"].keys()
                and r["peak_rss_mib"] >= max(r["peak_rss_by_phase_mib"].values()) - 0.1 for r in runs)
     table = (tmp_path / "results.md").read_text()
-    assert "family" in table and "| fp32 | 2 |" in table and "min / median / max" in table
+    assert "family" in table and "| fp32 | 1 |" in table and "min / median / max" in table
