@@ -124,6 +124,9 @@ def test_the_example_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert set(result["model"]) == set(result["baseline"]) == {"rougeL", "bleu", "exact_match"}
     assert result["test_pairs"] == 12 and result["python"] == textwrap.dedent(sys.version.split()[0])
     assert 0 <= result["model"]["rougeL"] <= 1 and result["train_seconds"] > 0 and result["cpu"]
+    phases = result["peak_rss_by_phase_mib"]  # where the memory goes, beside the whole-life peak
+    assert {"setup", "training", "validation", "final test evaluation (beam search)"} <= phases.keys()
+    assert result["peak_rss_mib"] >= max(phases.values()) - 0.1 and set(result["variety"]) >= {"collapsed", "top_share"}
 
 
 def test_the_example_compares_methods_beside_the_baseline(tmp_path):
