@@ -52,6 +52,7 @@ class Stream:
             self.source = open_source(data, name)
             self.description = f"{self.source.description}, streamed"
         self.resume_at = None  # a checkpoint's stream position for this rank
+        self.first_buffer = None  # `sample()`'s, kept
         identity = [str(getattr(data, "_fingerprint", None) or getattr(data, "info", ""))] if is_stream(data) else \
             self.source.identity
         self.fingerprint = "stream:" + hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()
@@ -130,11 +131,15 @@ class Stream:
         self.resume_at = state["stream"][rank]
 
     def sample(self):
-        """(pairs, examples, where they came from) of the first buffer, for `finetune check`."""
-        pairs = [(s, t) for _, s, t in next(self.buffers(0, 0))[2]]
-        examples = in_memory(pairs, self.tokenizer, self.config.max_source_length, self.config.max_target_length,
-                             self.decoder_start)
-        return pairs, examples, f"{self.description}; checked here: its first buffer of {len(pairs)} rows"
+        """(pairs, examples, where they came from) of the first buffer, for `finetune check`: read and tokenised
+        once, however often the checks ask."""
+        if self.first_buffer is None:
+            pairs = [(s, t) for _, s, t in next(self.buffers(0, 0))[2]]
+            examples = in_memory(pairs, self.tokenizer, self.config.max_source_length, self.config.max_target_length,
+                                 self.decoder_start)
+            self.first_buffer = (pairs, examples,
+                                 f"{self.description}; checked here: its first buffer of {len(pairs)} rows")
+        return self.first_buffer
 
     def first_batches(self):
         """(batches, examples) of the first buffer."""
