@@ -16,9 +16,13 @@ def tiny_models() -> dict[str, str]:
     return {f.tiny.replace("_", "-"): f.tiny for f in FAMILIES.values() if f.tiny}
 
 
-def build_model(section: ModelSection):
-    """(model, tokenizer, newly initialised parameter names) for a [model] section."""
+def build_model(section: ModelSection, method=None):
+    """(model, tokenizer, newly initialised parameter names) for a [model] section. A [method] that quantises its
+    base (int8-lora, qlora) on a local model folder quantises it while it loads (finetune.models.streamed)."""
+    import os
+
     from finetune import models
+    from finetune.methods.registry import method as method_named
 
     tiny = tiny_models()
     if section.name in tiny:
@@ -28,6 +32,9 @@ def build_model(section: ModelSection):
     if section.name == "minilm" or section.bert2bert:
         built = models.bert2bert_by_name(section.name)
         return built.model, built.tokenizer, built.new_parameters
+    if method is not None and method_named(method.name).quantizer and os.path.isdir(section.name):
+        model, tokenizer = models.load_quantized(section.name, method.name, **method.settings)
+        return model, tokenizer, []
     model, tokenizer = models.load_seq2seq(section.name)
     return model, tokenizer, []
 
@@ -74,7 +81,7 @@ def build_run(run: RunConfig) -> BuiltRun:
     from finetune.methods.freeze import freeze, unfreeze
     from finetune.methods.registry import apply_method, new_tensor_lr
 
-    model, tokenizer, new = build_model(run.model)
+    model, tokenizer, new = build_model(run.model, run.method)
     if run.model.dropout is not None:
         from finetune.models.adjust import set_dropout
 

@@ -10,20 +10,21 @@ import tempfile
 
 import pytest
 import torch
+from conftest import RUN_DATA as DATA  # the short run with validation
+from conftest import RUN_EVAL as EVAL
+from conftest import SPELLING
+from conftest import short_run as cfg
+from conftest import spoil_after
 from safetensors.torch import load_file
 
-from conftest import SPELLING
 from finetune import DataError, Engine, apply_method, read_pairs
-from finetune.train.checkpoint import CheckpointError
 from finetune.cli import main
 from finetune.methods.lora import LoRALinear
-from finetune.models import tiny_bart
 from finetune.methods.quant import is_quantized
+from finetune.models import tiny_bart
 from finetune.run_build import check_setup
 from finetune.train.best import Best
-
-from conftest import RUN_DATA as DATA, RUN_EVAL as EVAL, spoil_after  # the short run with validation
-from conftest import short_run as cfg
+from finetune.train.checkpoint import CheckpointError
 
 OTHER_EVAL = [(f"teh {i}", f"the {i}") for i in range(6)]
 

@@ -4,8 +4,8 @@ Skipped without a CUDA device (CI has none); `benchmarks/gpu_check.sh` runs them
 """
 import pytest
 import torch
-
 from conftest import SPELLING
+
 from finetune import Engine, TrainConfig, apply_method
 from finetune.models import tiny_bart, tiny_t5
 

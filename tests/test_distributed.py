@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import SPELLING
+
 from finetune import Engine, TrainConfig
-from finetune.train.checkpoint import CheckpointError
 from finetune.models import tiny_bart
+from finetune.train.checkpoint import CheckpointError
 
 DATA = SPELLING * 4  # 24 pairs: 3 global batches of 8 per epoch
 # 41 pairs of varied lengths (an odd count: a last group of one) for the token-budget test

@@ -8,8 +8,7 @@ import re
 
 import pytest
 
-from finetune.methods import METHODS, method, settings_of
-from finetune.methods import lora
+from finetune.methods import METHODS, lora, method, settings_of
 from finetune.run_config import MethodSection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -41,7 +41,7 @@ class Int4Linear(QuantizedLinear):
         device = linear.weight.device
         inner = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                  quant_type=quant_type, device="cpu")
+                                  quant_type=quant_type, device="meta")
         inner.weight = bnb.nn.Params4bit(linear.weight.detach().float().cpu().clone(), requires_grad=False,
                                          compress_statistics=double_quant, quant_type=quant_type, module=inner)
         if linear.bias is not None:
@@ -50,6 +50,13 @@ class Int4Linear(QuantizedLinear):
         self.inner = inner.to(device)  # moving the module quantises the weight
         if not getattr(self.inner.weight, "bnb_quantized", False):
             raise RuntimeError(f"Int4Linear: bitsandbytes did not quantise the weight on {device}")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed 4-bit codes viewed as int8 (two codes a byte): the dtype tells model code that this weight is
+        quantised. T5 casts the activations entering its feed-forward output `wo` to `wo.weight.dtype` unless it
+        is int8; under bitsandbytes' uint8 they would become integers."""
+        return self.inner.weight.data.view(torch.int8)
 
     @property
     def compute_dtype(self):
@@ -87,11 +94,11 @@ class Int4Linear(QuantizedLinear):
 
 
 def quantize_4bit(model: nn.Module, skip=(), quant_type: str = "nf4", double_quant: bool = True,
-                  compute_dtype: torch.dtype | None = None) -> QuantizeReport:
+                  compute_dtype: torch.dtype | None = None, keep_float: bool = True) -> QuantizeReport:
     """Replace nn.Linear layers by Int4Linear, except the LM head and modules whose name (or whose weight's
-    name) matches a `skip` regex. Embeddings and 1-D tensors stay float (`prepare_quantized_training` then
-    makes them float32)."""
+    name) matches a `skip` regex, and (with `keep_float`) the layers the model's class keeps in float. Embeddings and
+    1-D tensors stay float (`prepare_quantized_training` then makes them float32)."""
     check_4bit_settings("quantize_4bit", quant_type, double_quant)
     bitsandbytes_module("4-bit")
     return replace_linears(model, lambda linear: Int4Linear(linear, quant_type, double_quant, compute_dtype), skip,
-                           f"quantize_4bit ({quant_type})")
+                           f"quantize_4bit ({quant_type})", keep_float)

@@ -27,7 +27,7 @@ class Int8Linear(QuantizedLinear):
         self.in_features, self.out_features, self.threshold = linear.in_features, linear.out_features, threshold
         device = linear.weight.device
         inner = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=threshold, device="cpu")
+                                    has_fp16_weights=False, threshold=threshold, device="meta")
         inner.weight = bnb.nn.Int8Params(linear.weight.detach().float().cpu().clone(), requires_grad=False,
                                          has_fp16_weights=False)
         if linear.bias is not None:
@@ -85,8 +85,10 @@ class _DequantizedMatmul(torch.autograd.Function):
         return flat.mm(weight).view(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None
 
 
-def quantize_int8(model: nn.Module, skip=(), threshold: float = 6.0) -> QuantizeReport:
-    """Replace nn.Linear layers by Int8Linear, except the LM head and modules whose name (or whose weight's
-    name) matches a `skip` regex. Embeddings stay as they are."""
+def quantize_int8(model: nn.Module, skip=(), threshold: float = 6.0, keep_float: bool = True) -> QuantizeReport:
+    """Replace nn.Linear layers by Int8Linear, except the LM head, modules whose name (or whose weight's name)
+    matches a `skip` regex, and (with `keep_float`) the layers the model's class keeps in float. Embeddings stay
+    as they are."""
     bitsandbytes_module()
-    return replace_linears(model, lambda linear: Int8Linear(linear, threshold=threshold), skip, "quantize_int8")
+    return replace_linears(model, lambda linear: Int8Linear(linear, threshold=threshold), skip, "quantize_int8",
+                           keep_float)

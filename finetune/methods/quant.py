@@ -64,8 +64,8 @@ class QuantizedLinear(nn.Module):
 
     def plain_linear(self, state: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """(weight, bias, bias added by BitFit) of the float layer the codes stand for (finetune.store.export)."""
-        plain = self.dequantize()
-        return plain.weight.detach(), None if plain.bias is None else plain.bias.detach(), False
+        bias = self.inner.bias
+        return self.dequantized_weight().detach(), None if bias is None else bias.detach().float(), False
 
     def dequantize(self) -> nn.Linear:
         """A float32 nn.Linear holding the weight the quantised codes stand for, and the bias."""
@@ -90,25 +90,35 @@ class QuantizeReport:
                 f"{self.bytes_after / 2**20:.1f} MiB ({self.bytes_before / max(1, self.bytes_after):.1f}x less)")
 
 
-def replace_linears(model: nn.Module, make, skip, what: str) -> QuantizeReport:
-    """Replace every plain nn.Linear by `make(linear)`, except the LM head, LoRA's own layers, the layers the
-    model's class keeps in float when transformers quantises it (`float_kept`) and modules whose name (or whose
-    weight's name) matches a `skip` regex. Embeddings stay as they are. Prints the report."""
-    skip_res = compile_patterns(list(skip) + float_kept(model), f"{what} skip")
+def linears_to_quantize(model: nn.Module, skip=(), what: str = "quantise", keep_float: bool = True) -> list[str]:
+    """Names of the plain nn.Linear layers a quantised base quantises: all but the LM head, LoRA's own layers, the
+    layers the model's class keeps in float when transformers quantises it (`float_kept`; with `keep_float`) and
+    modules whose name (or whose weight's name) matches a `skip` regex. Works on a model whose tensors are still
+    on the meta device (finetune.models.streamed)."""
+    skip_res = compile_patterns(list(skip) + (float_kept(model) if keep_float else []), f"{what} skip")
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    replaced, before, after = 0, 0, 0
-    for name, module in list(model.named_modules()):
+    names = []
+    for name, module in model.named_modules():
         if type(module) is not nn.Linear or module is output or ".lora_" in name:
             continue
-        if any(rx.search(name) or rx.search(name + ".weight") for rx in skip_res):
-            continue
+        if not any(rx.search(name) or rx.search(name + ".weight") for rx in skip_res):
+            names.append(name)
+    if not names:
+        raise ValueError(f"{what}: no nn.Linear layer to quantise (all skipped?)")
+    return names
+
+
+def replace_linears(model: nn.Module, make, skip, what: str, keep_float: bool = True) -> QuantizeReport:
+    """Replace each layer `linears_to_quantize` names by `make(linear)`. Embeddings stay as they are. Prints the
+    report."""
+    replaced, before, after = 0, 0, 0
+    for name in linears_to_quantize(model, skip, what, keep_float):
+        module = model.get_submodule(name)
         before += module.weight.numel() * module.weight.element_size()
         new = make(module)
         after += new.weight_bytes()
         replace_module(model, name, new)
         replaced += 1
-    if not replaced:
-        raise ValueError(f"{what}: no nn.Linear layer to quantise (all skipped?)")
     report = QuantizeReport(what, replaced, before, after)
     print(report, flush=True)
     return report

@@ -102,6 +102,7 @@ class Method:
     settings: tuple[Setting, ...] = ()
     lr: float = FULL_LR  # the learning rate it trains the pretrained tensors at (the main job's default)
     doc: str = ""
+    quantizer: tuple[Callable, str] | None = None  # quantised bases: ((settings) -> make(nn.Linear), its name)
     defaults: dict = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -198,30 +199,59 @@ def _lora(model, new_tensors, s, dora: bool = False):
         model.lr_scales = {**getattr(model, "lr_scales", {}), r"\.lora_B\.weight$": s["lora_plus_ratio"]}
 
 
-def _quantized_lora(quantize: Callable) -> Callable:
+QUANTIZED_AT_LOAD = "finetune_quantized_at_load"  # set by finetune.models.streamed (`quantized_at_load`)
+
+
+def _quantized_lora(make_linear: Callable, what: str) -> Callable:
     """Quantise the base (new tensors stay float: they train in full), then LoRA over it. The LoRA settings are
     checked against the model first, so a refused target leaves the model unquantised and a corrected retry
-    works."""
+    works. A base quantised while it loaded (finetune.models.streamed) is checked against the settings instead."""
     def apply(model, new_tensors, s):
-        from finetune.methods.quant import prepare_quantized_training
+        from finetune.methods.quant import prepare_quantized_training, replace_linears
 
         lora_module.lora_plan(model, **_lora_args(s), **_lora_placement(new_tensors))
-        quantize(model, _new(new_tensors), s)
+        at_load = getattr(model, QUANTIZED_AT_LOAD, None)
+        if at_load is None:
+            replace_linears(model, make_linear(s), _new(new_tensors), what, keep_float=not s["quantize_kept"])
+        else:
+            _check_quantized_at_load(at_load, what, new_tensors, s)
         prepare_quantized_training(model)
         _lora(model, new_tensors, s)
     return apply
 
 
-def _int8(model, skip, s):
-    from finetune.methods.int8 import quantize_int8
+def quantization_settings(s: dict) -> dict:
+    """The settings of a quantised method that decide its codes (all but LoRA's)."""
+    return {k: v for k, v in s.items() if not k.startswith("lora_")}
 
-    quantize_int8(model, skip=skip, threshold=s["int8_threshold"])
+
+def quantized_at_load(what: str, new_tensors, s: dict) -> dict:
+    """What a base quantised while it loaded records (the model attribute QUANTIZED_AT_LOAD)."""
+    return {"quantizer": what, "settings": quantization_settings(s), "skip": _new(new_tensors)}
 
 
-def _int4(model, skip, s):
-    from finetune.methods.int4 import quantize_4bit
+def _check_quantized_at_load(at_load: dict, what: str, new_tensors, s: dict) -> None:
+    wanted = quantized_at_load(what, new_tensors, s)
+    if at_load != wanted:
+        raise ValueError(f"apply_method: this model's base was quantised while it loaded as {at_load}, not as this "
+                         f"method asks ({wanted}); load it with the same method, settings and new tensors")
 
-    quantize_4bit(model, skip=skip, quant_type=s["quant_type"], double_quant=s["double_quant"])
+
+def _int8_linear(s: dict) -> Callable:
+    from finetune.methods.int8 import Int8Linear
+
+    return lambda linear: Int8Linear(linear, threshold=s["int8_threshold"])
+
+
+def _int4_linear(s: dict) -> Callable:
+    from finetune.methods.int4 import Int4Linear
+
+    return lambda linear: Int4Linear(linear, s["quant_type"], s["double_quant"])
+
+
+QUANTIZE_KEPT = Setting("quantize_kept", False, bool, doc="also quantise the layers the model's class keeps in float "
+                        "when transformers quantises it (T5's feed-forward output `wo`: 2.0B of Flan-T5-XXL's 11.1B "
+                        "parameters)")
 
 
 register(Method("full", lambda model, new_tensors, s: None, doc="every tensor trains"))
@@ -231,19 +261,20 @@ register(Method("bitfit", lambda model, new_tensors, s: bitfit(
     (Setting("add_missing_biases", False, bool, doc="T5 and other bias-free models: add zero-initialised biases"),),
     lr=ADAPTER_LR, doc="only biases train"))
 register(Method("lora", _lora, LORA_SETTINGS, lr=ADAPTER_LR, doc="LoRA adapters; the rest frozen"))
-register(Method("int8-lora", _quantized_lora(_int8), LORA_SETTINGS + (
+register(Method("int8-lora", _quantized_lora(_int8_linear, "quantize_int8"), LORA_SETTINGS + (
     Setting("int8_threshold", 6.0, float, lambda v: None if v >= 0 else "must be >= 0",
-            "LLM.int8() outlier threshold (CUDA)"),), lr=ADAPTER_LR, doc="int8 base weights under LoRA"))
+            "LLM.int8() outlier threshold (CUDA)"), QUANTIZE_KEPT), lr=ADAPTER_LR, doc="int8 base weights under LoRA",
+    quantizer=(_int8_linear, "quantize_int8")))
 register(Method("dora", lambda model, new_tensors, s: _lora(model, new_tensors, s, dora=True), LORA_SETTINGS,
                 lr=ADAPTER_LR, doc="LoRA with DoRA's trained magnitude per output row"))
 register(Method("lora-plus", _lora, with_defaults(LORA_SETTINGS, lora_plus_ratio=16.0), lr=FULL_LR,
                 doc="LoRA+: B at 16x A's learning rate (A at full fine-tuning's rate)"))
 register(Method("rslora", _lora, with_defaults(LORA_SETTINGS, lora_rslora=True), lr=ADAPTER_LR,
                 doc="rsLoRA: LoRA scaled by alpha / sqrt(r)"))
-register(Method("qlora", _quantized_lora(_int4), LORA_SETTINGS + (
+register(Method("qlora", _quantized_lora(_int4_linear, "quantize_4bit"), LORA_SETTINGS + (
     Setting("quant_type", "nf4", str, _one_of("nf4", "fp4"), "4-bit code book"),
-    Setting("double_quant", True, bool, doc="quantise the block scales too")), lr=ADAPTER_LR,
-    doc="4-bit base weights (NF4 / FP4) under LoRA"))
+    Setting("double_quant", True, bool, doc="quantise the block scales too"), QUANTIZE_KEPT), lr=ADAPTER_LR,
+    doc="4-bit base weights (NF4 / FP4) under LoRA", quantizer=(_int4_linear, "quantize_4bit")))
 
 METHODS = tuple(REGISTRY)
 

@@ -18,6 +18,7 @@ them back before loading (plain `from_pretrained` would report them as unexpecte
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -30,6 +31,17 @@ from finetune.store.outputs import OutputDirError, replace_dir
 MARKER = "finetune_model.json"  # written into every model folder the engine saves; its presence makes loading strict
 
 
+def _outer_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    """The wrapped layers by name: modules with `plain_linear`, the outermost one of each nest."""
+    wrappers, inside = {}, set()
+    for name, module in model.named_modules():
+        if id(module) in inside or not hasattr(module, "plain_linear"):
+            continue
+        wrappers[name] = module
+        inside.update(id(m) for m in module.modules() if m is not module)
+    return wrappers
+
+
 def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict under the model class's own names (see the module docstring), and the names of layers
     that carry an added bias. `state` is a full state dict gathered from FSDP shards (else the model's).
@@ -37,12 +49,7 @@ def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[
     A wrapped layer is any module with `plain_linear(state, prefix) -> (weight, bias, added_bias)`: the outermost
     one of each nest says what it computes as (a wrapper over a wrapper asks the inner one)."""
     state = dict(model.state_dict() if state is None else state)
-    wrappers, inside = {}, set()
-    for name, module in model.named_modules():
-        if id(module) in inside or not hasattr(module, "plain_linear"):
-            continue
-        wrappers[name] = module
-        inside.update(id(m) for m in module.modules() if m is not module)
+    wrappers = _outer_wrappers(model)
     plain = {name: module.plain_linear(state, name + ".") for name, module in wrappers.items()}
     for name in wrappers:
         for key in [k for k in state if k.startswith(name + ".")]:
@@ -57,15 +64,113 @@ def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[
 def save_plain(model: nn.Module, tokenizer, path: str, state: dict | None = None,
                extra: dict | None = None) -> list[str]:
     """Write `model` into the folder `path` as a plain transformers checkpoint (safetensors) plus its tokenizer
-    and `finetune_model.json`. Returns the layers with added biases (see the module docstring)."""
-    plain, added = plain_state_dict(model, state)
-    model.save_pretrained(path, safe_serialization=True, state_dict=plain)
+    and `finetune_model.json`. Returns the layers with added biases (see the module docstring). A model with
+    quantised layers is written shard by shard in its checkpoint's dtype (`save_sharded`)."""
+    if any(getattr(type(m), "is_quantized_linear", False) for m in model.modules()):
+        added = save_sharded(model, path, state)
+    else:
+        plain, added = plain_state_dict(model, state)
+        model.save_pretrained(path, safe_serialization=True, state_dict=plain)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     marker = {"saved_by": "finetune", "added_biases": added, **(extra or {})}
     with open(os.path.join(path, MARKER), "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=1)
     return added
+
+
+SHARD_BYTES = 2 * 2**30  # the sharded writer's largest file: the most it holds in memory beside the model
+
+
+def save_sharded(model: nn.Module, path: str, state: dict | None = None, dtype: torch.dtype | None = None,
+                 shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Write the plain state dict as safetensors shards of at most ~`shard_bytes` plus their index (one file
+    alone: `model.safetensors`, as transformers names it) and the config, computing each wrapped layer's plain weight only when its shard is written: the most held at once
+    is one shard, never the whole float model (an 11B model quantised in memory would need 22 GB in bf16 for
+    it). Floating tensors are written in `dtype` (default: the model config's dtype, else float32); tied
+    tensors once. Returns the layers with added biases."""
+    from safetensors.torch import save_file
+
+    dtype = dtype or _config_dtype(model.config)
+    shards, added = _plan_shards(_plain_items(model, state, dtype), shard_bytes)
+    os.makedirs(path, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        tensors = {}
+        with torch.no_grad():
+            for _, produce in shard:
+                tensors.update(produce())
+        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(shards) > 1:  # as transformers writes them: one file alone has no index
+        with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(path)
+    return sorted(added)
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _plain_items(model: nn.Module, state: dict | None, dtype: torch.dtype) -> list:
+    """(bytes, produce) for each plain tensor (tied ones once) and each wrapped layer; `produce()` gives
+    {name: tensor} in `dtype` (floating tensors) and, for a layer with an added bias, marks it in `added`."""
+    state = model.state_dict(keep_vars=True) if state is None else state
+    wrappers = _outer_wrappers(model)
+    inside = tuple(name + "." for name in wrappers)
+    cast = lambda t: (t.detach().to(dtype) if t.is_floating_point() else t.detach()).contiguous()  # noqa: E731
+    items, seen = [], set()
+    for key, tensor in state.items():
+        if key.startswith(inside) or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+        items.append((size, None, lambda key=key, tensor=tensor: {key: cast(tensor)}))
+    for name, module in wrappers.items():
+        def produce(name=name, module=module):
+            weight, bias, added = module.plain_linear(state, name + ".")
+            out = {name + ".weight": cast(weight)}
+            if bias is not None:
+                out[name + ".bias"] = cast(bias)
+            return out, added
+        size = (module.in_features + 1) * module.out_features * dtype.itemsize
+        items.append((size, name, produce))
+    return items
+
+
+def _plan_shards(items: list, shard_bytes: int) -> tuple[list, list[str]]:
+    """The items in shards of at most `shard_bytes` (a larger item alone), in order; and a way to learn which
+    wrapped layers carry an added bias (filled in as the shards are produced)."""
+    added: list[str] = []
+
+    def tensors_of(name, produce):
+        if name is None:
+            return produce()
+        out, has_added = produce()
+        if has_added:
+            added.append(name)
+        return out
+
+    shards, current, used = [], [], 0
+    for size, name, produce in items:
+        if current and used + size > shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append((size, lambda name=name, produce=produce: tensors_of(name, produce)))
+        used += size
+    if current:
+        shards.append(current)
+    return shards, added
 
 
 def read_marker(path: str) -> dict | None:

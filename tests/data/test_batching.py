@@ -11,9 +11,9 @@ import torch
 
 from finetune import Engine, TrainConfig
 from finetune.data.batching import LengthGroupedBatches, TokenBudgetBatches, padding_fraction, schedule_of
-from finetune.train.checkpoint import CheckpointError
 from finetune.data.tokenize import Example
 from finetune.models import tiny_bart
+from finetune.train.checkpoint import CheckpointError
 
 
 def skewed(n, seed=0):

@@ -8,7 +8,7 @@ from transformers.models.bart.modeling_bart import shift_tokens_right as bart_sh
 from transformers.models.encoder_decoder.modeling_encoder_decoder import shift_tokens_right as encdec_shift
 
 from finetune.data.collate import (IGNORE_INDEX, causal_mask, combine_masks, decoder_attention_mask, pad_inputs,
-                            pad_labels, padding_mask, shift_tokens_right, to_additive)
+                                   pad_labels, padding_mask, shift_tokens_right, to_additive)
 from finetune.models import tiny_t5
 
 PAD, START = 7, 5

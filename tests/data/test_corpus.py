@@ -9,12 +9,12 @@ import signal
 
 import pytest
 import torch
-
 from conftest import SPELLING
+
 from finetune import Engine, TrainConfig
 from finetune.data.corpus import load
-from finetune.data.pairs import DataError, read_pairs
 from finetune.data.feed import prefetched
+from finetune.data.pairs import DataError, read_pairs
 from finetune.models import char_tokenizer, tiny_bart
 
 pa = pytest.importorskip("pyarrow")

@@ -4,8 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from finetune.data.noise import NoiseConfig, add_noise, infill_spans, last_word_positions
 from finetune.models import char_tokenizer
-from finetune.data.noise import NoiseConfig, infill_spans, add_noise, last_word_positions
 
 TOK = char_tokenizer("bart")
 TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine! where is my hat?"
@@ -125,6 +125,7 @@ def test_bad_config():
 
 def test_engine_noises_sources_per_epoch_and_keeps_targets(tmp_path):
     from conftest import SPELLING
+
     from finetune import Engine, TrainConfig
     from finetune.models import tiny_bart
 
@@ -152,6 +153,7 @@ def test_infilling_never_pushes_a_batch_past_its_token_budget(tmp_path):
     """0-length infilling spans insert masks (sources grow); the batches were cut by the lengths before noise, so
     the engine cuts a grown source back: every collated micro-batch stays within max_tokens."""
     from conftest import SPELLING
+
     from finetune import Engine, TrainConfig
     from finetune.models import tiny_bart
 

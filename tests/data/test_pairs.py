@@ -4,13 +4,9 @@ import json
 import pytest
 
 from finetune.data.batching import LengthGroupedBatches
-
-from finetune.data.collate import Collator
-
+from finetune.data.collate import IGNORE_INDEX, Collator
 from finetune.data.pairs import DataError, read_pairs
-
 from finetune.data.tokenize import tokenize_pairs
-from finetune.data.collate import IGNORE_INDEX
 from finetune.models import char_tokenizer
 
 

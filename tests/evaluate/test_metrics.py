@@ -101,6 +101,7 @@ def test_a_collapsed_run_is_flagged_in_the_log_the_records_and_by_a_warning(tmp_
     import json
 
     from conftest import SPELLING
+
     from finetune import Engine, TrainConfig
 
     model, tok = deaf_bert2bert()
@@ -134,6 +135,7 @@ def test_the_best_model_never_keeps_a_collapsed_evaluation_over_a_healthy_one():
 
 def test_finetune_check_fails_a_decoder_that_cannot_hear_the_encoder(tmp_path):
     from conftest import SPELLING
+
     from finetune import TrainConfig
     from finetune.run_build import check_setup
 

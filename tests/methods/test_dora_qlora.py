@@ -5,13 +5,13 @@ import os
 
 import pytest
 import torch
-
 from conftest import SPELLING, build
+from test_lora import TARGETS
+
 from finetune import Engine, TrainConfig, load_seq2seq
+from finetune.methods import apply_method
 from finetune.methods.adapters import load_adapter, save_adapter
 from finetune.methods.lora import LoRALinear, apply_lora, lora_layers
-from finetune.methods import apply_method
-from test_lora import TARGETS
 
 peft = pytest.importorskip("peft")
 
@@ -173,11 +173,12 @@ def test_int4_linear_equals_bitsandbytes_and_is_close_to_float(quant_type, doubl
     reference = reference.to("cpu")
     x = torch.randn(8, 256)
     assert torch.equal(ours(x), reference(x))
-    assert torch.equal(ours.weight.data, reference.weight.data)
+    assert torch.equal(ours.inner.weight.data, reference.weight.data)
+    assert torch.equal(ours.weight, reference.weight.data.view(torch.int8))  # read as int8 (Int4Linear.weight)
     # within 4-bit's expected error: each weight is rounded to the nearest of 16 codes (times its block's absmax),
     # so its error is at most half the widest gap between codes, times the absmax (plus the absmax's own 8-bit
     # rounding under double quantisation); on a Gaussian-like layer the output error is then ~10% of its size
-    code = ours.weight.quant_state.code.float().sort().values
+    code = ours.inner.weight.quant_state.code.float().sort().values
     bound = 0.5 * float(code.diff().max()) * (1.02 if double_quant else 1.0) + 1e-6
     weight = ours.dequantized_weight()
     blocks = linear.weight.detach().reshape(-1, 64)
@@ -209,7 +210,7 @@ def test_4bit_eval_forward_is_the_training_arithmetic():
     with torch.no_grad():
         eval_out = layer.eval()(x)
     assert torch.equal(train_out, eval_out)
-    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert not getattr(layer.inner.weight.quant_state, "packing_format_for_cpu", False)
 
 
 def test_4bit_bf16_compute_leaves_the_float_bias_as_it_was():

@@ -1,8 +1,8 @@
 """Regex freezing, the trainable report, and BitFit on tiny BART, T5 and bert2bert."""
 import pytest
 import torch
-
 from conftest import SPELLING, build
+
 from finetune import Engine, TrainConfig, bitfit, trainable_report, unfreeze
 from finetune.methods import freeze
 from finetune.methods.freeze import LinearWithAddedBias

@@ -3,13 +3,13 @@ import sys
 
 import pytest
 import torch
-
 from conftest import SPELLING
+
 from finetune import Engine, TrainConfig
-from finetune.methods.int8 import Int8Linear, prepare_int8_training, quantize_int8
-from finetune.methods.adapters import load_adapter, save_adapter
-from finetune.methods.lora import apply_lora, lora_layers, merge_lora
 from finetune.methods import apply_method
+from finetune.methods.adapters import load_adapter, save_adapter
+from finetune.methods.int8 import Int8Linear, prepare_int8_training, quantize_int8
+from finetune.methods.lora import apply_lora, lora_layers, merge_lora
 from finetune.models import tiny_bart
 
 pytest.importorskip("bitsandbytes")

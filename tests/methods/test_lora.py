@@ -1,8 +1,8 @@
 """LoRA: zero update at init, merge/unmerge, PEFT parity and format round trips, training touches only adapters."""
 import pytest
 import torch
-
 from conftest import SPELLING, build
+
 from finetune import Engine, TrainConfig
 from finetune.methods.adapters import load_adapter, save_adapter
 from finetune.methods.lora import LoRALinear, apply_lora, lora_layers, merge_lora

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import SPELLING
+
 from finetune import Engine, TrainConfig, apply_method
 from finetune.methods.quant import is_quantized
 from finetune.models import char_tokenizer, set_dropout, tiny_bart, tiny_bert2bert, tiny_t5

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from finetune import DataError, Engine, TrainConfig, TrainingStopped, apply_lora, read_pairs
-from finetune.train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
+from finetune.methods import apply_method
 from finetune.methods.adapters import load_adapter, save_adapter
 from finetune.methods.lora import lora_layers
-from finetune.methods import apply_method
 from finetune.models import ModelNotAvailable, load_seq2seq, tiny_bart, tiny_bert2bert, tiny_t5
 from finetune.store.outputs import OutputDirError
+from finetune.train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
 
 DATA = [(f"teh wrod {i}", f"the word {i}") for i in range(24)]
 

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-
 from conftest import SPELLING
+
 from finetune import Engine, TrainConfig, bitfit
-from finetune.train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
 from finetune.methods.lora import apply_lora
 from finetune.models import tiny_bart
+from finetune.train.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
 
 DATA = SPELLING * 4  # 24 pairs: 6 batches of 4 per epoch
 
@@ -125,15 +125,21 @@ def test_mismatched_model_and_trainable_set_are_refused(tmp_path):
         Engine(same, tok4, cfg(tmp_path, max_steps=3)).fit(DATA[:-1], resume="latest")
 
 
-@pytest.mark.parametrize("method", ["bitfit", "lora"])
+@pytest.mark.parametrize("method", ["bitfit", "lora", "qlora"])
 def test_sparse_checkpoints_hold_only_trainable_tensors(tmp_path, method):
+    """Only the trained tensors: a frozen (even quantised) base is never copied into a checkpoint."""
     from safetensors import safe_open
+
+    from finetune import apply_method
 
     model, tok = tiny_bart(d_model=64, layers=2)
     if method == "bitfit":
         bitfit(model)
-    else:
+    elif method == "lora":
         apply_lora(model, r=2, alpha=4)
+    else:
+        pytest.importorskip("bitsandbytes")
+        apply_method(model, "qlora", lora_r=2, lora_alpha=4)
     Engine(model, tok, cfg(tmp_path / method, max_steps=2, save_every=2)).fit(DATA)
     full, tok = tiny_bart(d_model=64, layers=2)
     Engine(full, tok, cfg(tmp_path / "full", max_steps=2, save_every=2)).fit(DATA)

@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
-
 from conftest import SPELLING, build
+
 from finetune import Engine, TrainConfig, TrainingStopped
-from finetune.methods import freeze
 from finetune.data.tokenize import tokenize_pairs
+from finetune.methods import freeze
 from finetune.models import tiny_bart, tiny_t5
 
 

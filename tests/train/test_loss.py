@@ -1,12 +1,12 @@
 """The fused head + cross-entropy equals the model's logits through F.cross_entropy: loss, accuracy, gradients."""
 import pytest
 import torch
-
 from conftest import SPELLING, build
+
 from finetune.data.collate import Collator
 from finetune.data.tokenize import tokenize_pairs
-from finetune.train.loss import capture_hidden, fused_head_loss, fusable_head, token_loss
 from finetune.models import resolve_special_tokens
+from finetune.train.loss import capture_hidden, fusable_head, fused_head_loss, token_loss
 
 INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 

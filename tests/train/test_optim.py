@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import build
 from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
                           get_linear_schedule_with_warmup)
 
-from conftest import build
 from finetune import Engine, TrainConfig, apply_method
 from finetune.methods import freeze
 from finetune.methods.lora import lora_layers

@@ -4,13 +4,13 @@ import json
 import os
 
 import pytest
+from conftest import RUN_DATA as DATA
+from conftest import RUN_EVAL as EVAL
+from conftest import short_run as eight_steps
 
 from finetune import Engine, TrainConfig
 from finetune.models import tiny_bart
 from finetune.train.recorder import numbers
-
-from conftest import RUN_DATA as DATA, RUN_EVAL as EVAL
-from conftest import short_run as eight_steps
 
 
 def cfg(out, **kw):

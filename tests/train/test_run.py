@@ -6,16 +6,18 @@ import signal
 
 import pytest
 import torch
+from conftest import RUN_DATA as DATA
+from conftest import RUN_EVAL as EVAL
+from conftest import SPELLING
+from conftest import short_run as cfg
+from conftest import spoil_after
 from safetensors.torch import load_file
 
-from conftest import RUN_DATA as DATA, RUN_EVAL as EVAL, SPELLING, spoil_after
-from conftest import short_run as cfg
 from finetune import Engine, TrainConfig
 from finetune.evaluate.metrics import GenerationMetrics
 from finetune.models import tiny_bart, tiny_bert2bert
 from finetune.run_build import check_setup
 from finetune.train.best import Best
-
 
 
 def events(out):
@@ -149,13 +151,15 @@ def check_cfg(tmp_path, **kw):
 
 def test_check_passes_on_a_correct_setup(tmp_path):
     model, tok = tiny_bart()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
     report = check_setup(model, tok, check_cfg(tmp_path), SPELLING, steps=300)
     assert not report.failed, str(report)
     assert [name for _, name, _ in report.rows] == ["special tokens", "data", "batches", "evaluation", "first batch",
                                                     "truncation", "parameter groups", "gradients", "overfit one batch",
                                                     "outputs differ", "output folder"]
-    before = {n: p.clone() for n, p in model.state_dict().items()}  # the check trained a copy
+    # the trial trained the model itself (a copy would double an 11B model's memory) and put its weights back
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert model.training is True and all(p.grad is None for p in model.parameters())
 
 
 def _failed(report):
