@@ -65,17 +65,27 @@ def _plain(section):
     return {k: v for k, v in dataclasses.asdict(section).items() if not callable(v)}
 
 
-def _engine_for(model_dir: str, num_beams: int, batch_size: int, output_dir: str | None, max_new_tokens: int,
-                generation: dict | None = None):
-    from finetune.models.load import load_seq2seq
+def _engine_for(args, output_dir: str | None = None):
+    """The engine `finetune eval` / `generate` run: the model folder (`--model`), quantised while it loads with
+    `--quantize`, with `--adapter` (a LoRA adapter folder, ours or PEFT's) on top."""
+    from finetune.methods.adapters import load_adapter
+    from finetune.models import load_quantized, load_seq2seq
     from finetune.train.config import TrainConfig
     from finetune.train.engine import Engine
 
-    if not os.path.isdir(model_dir):
-        raise ModelNotAvailable(f"--model {model_dir}: not a folder (pass the model/ folder a training run wrote)")
-    cfg = TrainConfig(num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      output_dir=output_dir or os.path.join(model_dir, "eval"), progress=False, **(generation or {}))
-    model, tokenizer = load_seq2seq(model_dir)  # after the settings are checked
+    if not os.path.isdir(args.model):
+        raise ModelNotAvailable(f"--model {args.model}: not a folder (pass the model/ folder a training run wrote, or "
+                                "the base model's folder with --adapter)")
+    if args.adapter is not None and not os.path.isdir(args.adapter):
+        raise ModelNotAvailable(f"--adapter {args.adapter}: not a folder (pass the adapter/ folder a LoRA run wrote)")
+    cfg = TrainConfig(num_beams=args.num_beams, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      output_dir=output_dir or os.path.join(args.model, "eval"), progress=False, **_generation(args))
+    if args.quantize:  # after the settings are checked
+        model, tokenizer = load_quantized(args.model, args.quantize, quantize_kept=args.quantize_kept)
+    else:
+        model, tokenizer = load_seq2seq(args.model)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
     return Engine(model, tokenizer, cfg)
 
 
@@ -83,15 +93,14 @@ def cmd_eval(args) -> int:
     if not os.path.isdir(args.model):
         raise ModelNotAvailable(f"--model {args.model}: not a folder (pass the model/ folder a training run wrote)")
     pairs = read_pairs(args.data)  # a bad data file fails before the model loads
-    engine = _engine_for(args.model, args.num_beams, args.batch_size, args.output_dir, args.max_new_tokens,
-                         _generation(args))
+    engine = _engine_for(args, args.output_dir)
     metrics = engine.evaluate(pairs)
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 def cmd_generate(args) -> int:
-    engine = _engine_for(args.model, args.num_beams, args.batch_size, None, args.max_new_tokens, _generation(args))
+    engine = _engine_for(args)
     for text, out in zip(args.texts, engine.generate(args.texts)):
         print(f"{text}\t{out}")
     return 0
@@ -179,6 +188,32 @@ def plot_history(train, evals, png: str, best_step: int | None = None) -> None:
     plt.close(fig)
 
 
+def _model_arguments(p, name: str):
+    """The arguments of `finetune eval` and `finetune generate`."""
+    p.add_argument("--model", required=True, help="a model/ folder a run wrote, or a base model's folder")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter folder (adapter/ of a run, or PEFT's) on --model")
+    p.add_argument("--quantize", choices=("qlora", "int8-lora"), default=None,
+                   help="quantise --model while it loads (4-bit NF4 or int8), as the run that trained the adapter")
+    p.add_argument("--quantize-kept", action="store_true",
+                   help="with --quantize: the layers transformers keeps float too (the run's quantize_kept)")
+    p.add_argument("--num-beams", type=_positive, default=4)
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**this")
+    p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
+                   help="beam search: stop once num_beams candidates are finished")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of this size twice")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="tokens generated before eos may end")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeated tokens")
+    if name == "eval":
+        p.add_argument("--data", required=True)
+        p.add_argument("--output-dir", default=None)
+    else:
+        p.add_argument("texts", nargs="+")
+    return p
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="finetune", description="Fine-tune encoder-decoder transformers.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -194,23 +229,7 @@ def main(argv=None) -> int:
     c.add_argument("--resume", action="store_true", help="the run will be resumed: its output folder may hold it")
     c.set_defaults(func=cmd_check)
     for name, func in (("eval", cmd_eval), ("generate", cmd_generate)):
-        p = sub.add_parser(name, help=f"{name} with a saved model folder")
-        p.add_argument("--model", required=True)
-        p.add_argument("--num-beams", type=_positive, default=4)
-        p.add_argument("--batch-size", type=_positive, default=64)
-        p.add_argument("--max-new-tokens", type=_positive, default=64)
-        p.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length**this")
-        p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
-                       help="beam search: stop once num_beams candidates are finished")
-        p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of this size twice")
-        p.add_argument("--min-new-tokens", type=int, default=None, help="tokens generated before eos may end")
-        p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeated tokens")
-        if name == "eval":
-            p.add_argument("--data", required=True)
-            p.add_argument("--output-dir", default=None)
-        else:
-            p.add_argument("texts", nargs="+")
-        p.set_defaults(func=func)
+        _model_arguments(sub.add_parser(name, help=f"{name} with a saved model folder"), name).set_defaults(func=func)
     r = sub.add_parser("report", help="summarise a run folder and plot its loss and learning rate")
     r.add_argument("dir")
     r.add_argument("--png", default=None)

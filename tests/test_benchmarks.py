@@ -44,6 +44,25 @@ def test_bench_long_smoke_with_peer(tmp_path):
     assert "| bitfit | on |" in table and "matmul peak" in table
 
 
+def test_bench_large_smoke(tmp_path):
+    """The big-model benchmark at a tiny shape: the checkpoint written in shards, QLoRA quantised while it loads
+    (wo too), trained, its adapter saved and reloaded, one generation, the table; the checkpoint deleted."""
+    pytest.importorskip("bitsandbytes")
+    checkpoint = tmp_path / "checkpoint"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_large.py"), "--size", "tiny", "--methods",
+           "qlora-kept", "--steps", "2", "--shard-gb", "0.0002", "--checkpoint", str(checkpoint),
+           "--out", str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["checkpoint"]["shards"] > 1 and not checkpoint.exists()
+    (run,) = data["runs"]
+    assert run["ok"] and run["quantize_kept"] and run["adapter_reloaded"] and len(run["step_s"]) == 2
+    assert 0 < run["trainable"] < run["frozen"] and run["peak_mib"] >= run["load_peak_mib"] > 100
+    assert 0 < run["mfu"] and run["tokens_per_s"] > 0
+    assert "| qlora (wo quantised too) |" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_matmul_peak_prints_each_precision():
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "matmul_peak.py"), "--precisions", "fp32", "--repeats",
            "1", "--json"]

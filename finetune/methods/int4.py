@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finetune.methods.quant import QuantizedLinear, QuantizeReport, bitsandbytes_module, replace_linears
+from finetune.methods.quant import QuantizedLinear, QuantizeReport, bitsandbytes_module, float_copy, replace_linears
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -42,10 +42,10 @@ class Int4Linear(QuantizedLinear):
         inner = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=double_quant,
                                   quant_type=quant_type, device="meta")
-        inner.weight = bnb.nn.Params4bit(linear.weight.detach().float().cpu().clone(), requires_grad=False,
+        inner.weight = bnb.nn.Params4bit(float_copy(linear.weight), requires_grad=False,
                                          compress_statistics=double_quant, quant_type=quant_type, module=inner)
         if linear.bias is not None:
-            inner.bias = nn.Parameter(linear.bias.detach().float().cpu().clone(), requires_grad=False)
+            inner.bias = nn.Parameter(float_copy(linear.bias), requires_grad=False)
         inner.support_avx512bf16_for_cpu = False  # no in-place repacking for CPU inference (module docstring)
         self.inner = inner.to(device)  # moving the module quantises the weight
         if not getattr(self.inner.weight, "bnb_quantized", False):

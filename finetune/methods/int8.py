@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finetune.methods.quant import (QuantizedLinear, QuantizeReport, bitsandbytes_module, prepare_quantized_training,
-                                    replace_linears)
+from finetune.methods.quant import (QuantizedLinear, QuantizeReport, bitsandbytes_module, float_copy,
+                                    prepare_quantized_training, replace_linears)
 
 prepare_int8_training = prepare_quantized_training  # the same preparation serves int8 and 4-bit bases
 
@@ -28,10 +28,10 @@ class Int8Linear(QuantizedLinear):
         device = linear.weight.device
         inner = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=linear.bias is not None,
                                     has_fp16_weights=False, threshold=threshold, device="meta")
-        inner.weight = bnb.nn.Int8Params(linear.weight.detach().float().cpu().clone(), requires_grad=False,
+        inner.weight = bnb.nn.Int8Params(float_copy(linear.weight), requires_grad=False,
                                          has_fp16_weights=False)
         if linear.bias is not None:
-            inner.bias = nn.Parameter(linear.bias.detach().float().cpu().clone(), requires_grad=False)
+            inner.bias = nn.Parameter(float_copy(linear.bias), requires_grad=False)
         self.inner = inner.to(device)  # moving the module quantises the weight
         if self.inner.weight.dtype != torch.int8:
             raise RuntimeError(f"Int8Linear: bitsandbytes left the weight as {self.inner.weight.dtype} on {device}")

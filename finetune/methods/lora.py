@@ -85,7 +85,11 @@ class LoRALinear(nn.Module):
         self.r, self.rslora, self.dora = r, rslora, bool(dora)
         self.set_alpha(alpha)
         weight = base.weight
-        float_dtype = weight.dtype if weight.dtype.is_floating_point and not is_quantized(base) else torch.float32
+        # float32 adapters on a bf16 / fp16 (or quantised) base, as PEFT's autocast_adapter_dtype: an update of
+        # B A in half precision would round the small steps of training away
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        float_dtype = weight.dtype if weight.dtype.is_floating_point and not half and not is_quantized(base) \
+            else torch.float32
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=float_dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=float_dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -28,6 +28,14 @@ def bitsandbytes_module(what: str = "int8"):
     return bitsandbytes
 
 
+def float_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy of `tensor` made with one copy (what bitsandbytes quantises from)."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.float32 and tensor.device.type == "cpu":
+        return tensor.clone()
+    return tensor.to(device="cpu", dtype=torch.float32)
+
+
 def is_quantized(module: nn.Module) -> bool:
     """An Int8Linear or Int4Linear, recognised without importing bitsandbytes."""
     return getattr(type(module), "is_quantized_linear", False)

@@ -212,12 +212,18 @@ def _quantized_lora(make_linear: Callable, what: str) -> Callable:
         lora_module.lora_plan(model, **_lora_args(s), **_lora_placement(new_tensors))
         at_load = getattr(model, QUANTIZED_AT_LOAD, None)
         if at_load is None:
-            replace_linears(model, make_linear(s), _new(new_tensors), what, keep_float=not s["quantize_kept"])
+            replace_linears(model, make_linear(s), _new(new_tensors), quantizer_label(what, s),
+                            keep_float=not s["quantize_kept"])
         else:
             _check_quantized_at_load(at_load, what, new_tensors, s)
         prepare_quantized_training(model)
         _lora(model, new_tensors, s)
     return apply
+
+
+def quantizer_label(what: str, s: dict) -> str:
+    """How the quantisation report names itself: "quantize_4bit (nf4)", "quantize_int8"."""
+    return f"{what} ({s['quant_type']})" if "quant_type" in s else what
 
 
 def quantization_settings(s: dict) -> dict:

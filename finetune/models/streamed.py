@@ -2,10 +2,10 @@
 T5 load on a machine that could not hold it in float.
 
 The model is built with its parameters on the meta device (no memory; buffers are real), then the safetensors
-files are read one at a time, tensor by tensor. A linear layer the method quantises becomes its int8 / 4-bit layer
-as soon as its weight (and bias) are read; every other tensor takes its place in the checkpoint's dtype. The
-peak is the quantised model plus one file, where loading and then quantising holds the float model and the
-quantised one together. The codes are those `apply_method` would make from the loaded model, bit for bit
+files are read one at a time, tensor by tensor (each copied out of the file's mapping: `read_tensor`). A linear
+layer the method quantises becomes its int8 / 4-bit layer as soon as its weight (and bias) are read; every other
+tensor takes its place in the checkpoint's dtype. The peak is the quantised model plus one layer's work, where
+loading and then quantising holds the float model and the quantised one together. The codes are those `apply_method` would make from the loaded model, bit for bit
 (tests/models/test_streamed.py); `apply_method` with the same method then adds the adapters and checks that the
 settings match what was quantised.
 """
@@ -33,7 +33,7 @@ def load_quantized(path: str, method: str = "qlora", new_tensors=(), **settings)
 
     from finetune.methods.registry import QUANTIZED_AT_LOAD
     from finetune.methods.registry import method as method_named
-    from finetune.methods.registry import quantized_at_load
+    from finetune.methods.registry import quantized_at_load, quantizer_label
     from finetune.store.export import read_marker
 
     chosen = method_named(method)
@@ -48,12 +48,13 @@ def load_quantized(path: str, method: str = "qlora", new_tensors=(), **settings)
     model = empty_model(config, (marker or {}).get("added_biases", []))
     record = quantized_at_load(what, new_tensors, resolved)
     targets = linears_to_quantize(model, record["skip"], what, keep_float=not resolved["quantize_kept"])
-    sizes = _stream(model, files, set(targets), make_linear(resolved), _config_dtype(config), marker is not None)
-    model.tie_weights()
+    with work_buffers_mapped():
+        sizes = _stream(model, files, set(targets), make_linear(resolved), _config_dtype(config), marker is not None)
+    _tie_missing(model)
     _check_complete(model, path)
     setattr(model, QUANTIZED_AT_LOAD, record)
-    print(f"{what} while loading {path}: {len(targets)} linear layers; their weights {sizes[0] / 2**20:.1f} MiB -> "
-          f"{sizes[1] / 2**20:.1f} MiB, read from {len(files)} file(s)", flush=True)
+    print(f"{quantizer_label(what, resolved)} while loading {path}: {len(targets)} linear layers; their weights "
+          f"{sizes[0] / 2**20:.1f} MiB -> {sizes[1] / 2**20:.1f} MiB, read from {len(files)} file(s)", flush=True)
     return model.eval(), tokenizer
 
 
@@ -131,17 +132,19 @@ def _stream(model, files, targets: set, make_linear, dtype, strict: bool) -> tup
     pending, unexpected, sizes = {}, [], [0, 0]
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                owner, _, leaf = key.rpartition(".")
-                if owner in parts_of and leaf in parts_of[owner]:
-                    pending.setdefault(owner, {})[leaf] = f.get_tensor(key)
-                    if set(pending[owner]) == parts_of[owner]:
-                        _quantize_into(model, owner, pending.pop(owner), make_linear, sizes)
-                        release_freed_memory()
-                elif not _place(model, key, f.get_tensor(key), dtype, file):
-                    unexpected.append(key)
+            keys = list(f.keys())
+        for key in keys:
+            owner, _, leaf = key.rpartition(".")
+            if owner in parts_of and leaf in parts_of[owner]:
+                pending.setdefault(owner, {})[leaf] = read_tensor(file, key)
+                if set(pending[owner]) == parts_of[owner]:
+                    _quantize_into(model, owner, pending.pop(owner), make_linear, sizes)
+                    release_freed_memory()
+            elif not _place(model, key, read_tensor(file, key), dtype, file):
+                unexpected.append(key)
     if pending:
-        raise ModelNotAvailable(f"{os.path.dirname(files[0])}: the checkpoint lacks part of layers {sorted(pending)[:3]}")
+        raise ModelNotAvailable(f"{os.path.dirname(files[0])}: the checkpoint lacks part of layers "
+                                f"{sorted(pending)[:3]}")
     if unexpected:
         message = f"{os.path.dirname(files[0])}: tensors the model has no place for: {unexpected[:5]}"
         if strict:
@@ -152,10 +155,18 @@ def _stream(model, files, targets: set, make_linear, dtype, strict: bool) -> tup
     return sizes[0], sizes[1]
 
 
-def release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim). Quantising frees a layer's float copy
-    and the quantiser's work buffers (tens to hundreds of MB each): glibc keeps such blocks in its heap once its
-    dynamic mmap threshold has risen, and without a trim the process grows by about the float model's size."""
+def read_tensor(file: str, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, in memory of its own. safetensors maps the whole file; every page a
+    tensor read touched would stay in the process's resident memory until the file is closed (a 10 GB shard:
+    10 GB), so the file is opened for this one tensor and closed again (the pages stay in the page cache)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(key).clone()
+
+
+def _glibc():
+    """The C library when it is glibc (its allocator's controls), else None (macOS, musl: nothing to tune)."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -163,14 +174,43 @@ def release_freed_memory() -> None:
 
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim
+            _LIBC.malloc_trim, _LIBC.mallopt
         except (OSError, AttributeError):
-            _LIBC = False  # not glibc (macOS, musl): nothing to trim
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+            _LIBC = False
+    return _LIBC or None
 
 
 _LIBC = None
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim): the blocks under the mmap threshold
+    a layer's quantisation freed (without it the process grows by ~0.7 MB a layer of a 256 x 1024 model)."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def work_buffers_mapped():
+    """While loading, every block of 1 MiB or more is its own mapping, returned to the system when freed.
+
+    Quantising allocates a float copy and the quantiser's work buffers per layer (tens to hundreds of MB) between
+    the small codes it keeps. In glibc's heap those would leave the kept codes scattered over a heap several times
+    their size (Flan-T5-large's shape: 2.1 GB of heap holding 0.7 GB), whose free holes training then touches
+    again: its resident memory grew by 0.6 GB. Afterwards the thresholds are fixed at the values glibc's dynamic
+    rule reaches in a PyTorch process (mmap from 32 MiB, trim above 64 MiB)."""
+    libc = _glibc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+            libc.malloc_trim(0)
 
 
 def _quantize_into(model, name: str, parts: dict, make_linear, sizes: list) -> None:
@@ -202,15 +242,21 @@ def _place(model, key: str, tensor: torch.Tensor, dtype, file: str) -> bool:
     if tuple(current.shape) != tuple(tensor.shape):
         raise ModelNotAvailable(f"{file}: {key} has shape {tuple(tensor.shape)}, the config gives "
                                 f"{tuple(current.shape)}")
-    if dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != dtype:
+    if dtype is not None and tensor.dtype.is_floating_point:
         tensor = tensor.to(dtype)
-    else:
-        tensor = tensor.clone()  # its own memory: a view of the file's mapping would keep the file's pages resident
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=current.requires_grad)
     else:
         module._buffers[leaf] = tensor.to(current.dtype)
     return True
+
+
+def _tie_missing(model) -> None:
+    """Tie what the checkpoint left to its class's tying (T5's embed_tokens, BART's LM head), as from_pretrained
+    does: a tied tensor the checkpoint holds with values of its own (Flan-T5's LM head: transformers 5 declares it
+    tied, its checkpoints hold it untied) stays its own."""
+    missing = {name for name, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"}
+    model.tie_weights(missing_keys=missing, recompute_mapping=True)
 
 
 def _check_complete(model, path: str) -> None:

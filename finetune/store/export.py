@@ -64,9 +64,10 @@ def plain_state_dict(model: nn.Module, state: dict | None = None) -> tuple[dict[
 def save_plain(model: nn.Module, tokenizer, path: str, state: dict | None = None,
                extra: dict | None = None) -> list[str]:
     """Write `model` into the folder `path` as a plain transformers checkpoint (safetensors) plus its tokenizer
-    and `finetune_model.json`. Returns the layers with added biases (see the module docstring). A model with
-    quantised layers is written shard by shard in its checkpoint's dtype (`save_sharded`)."""
-    if any(getattr(type(m), "is_quantized_linear", False) for m in model.modules()):
+    and `finetune_model.json`. Returns the layers with added biases (see the module docstring). A model
+    with wrapped layers (LoRA, int8 / 4-bit, added biases) is written shard by shard (`save_sharded`): their plain
+    weights are computed one shard at a time, never all at once."""
+    if _outer_wrappers(model):
         added = save_sharded(model, path, state)
     else:
         plain, added = plain_state_dict(model, state)
@@ -85,9 +86,9 @@ SHARD_BYTES = 2 * 2**30  # the sharded writer's largest file: the most it holds 
 def save_sharded(model: nn.Module, path: str, state: dict | None = None, dtype: torch.dtype | None = None,
                  shard_bytes: int = SHARD_BYTES) -> list[str]:
     """Write the plain state dict as safetensors shards of at most ~`shard_bytes` plus their index (one file
-    alone: `model.safetensors`, as transformers names it) and the config, computing each wrapped layer's plain weight only when its shard is written: the most held at once
-    is one shard, never the whole float model (an 11B model quantised in memory would need 22 GB in bf16 for
-    it). Floating tensors are written in `dtype` (default: the model config's dtype, else float32); tied
+    alone: `model.safetensors`, as transformers names it) and the config, computing each wrapped layer's plain
+    weight only when its shard is written: the most held at once is one shard, never the whole float model (an
+    11B model quantised in memory would need 22 GB in bf16 for it). Floating tensors are written in `dtype` (default: the model config's dtype, else float32); tied
     tensors once. Returns the layers with added biases."""
     from safetensors.torch import save_file
 
@@ -123,29 +124,37 @@ def _config_dtype(config) -> torch.dtype:
 
 
 def _plain_items(model: nn.Module, state: dict | None, dtype: torch.dtype) -> list:
-    """(bytes, produce) for each plain tensor (tied ones once) and each wrapped layer; `produce()` gives
-    {name: tensor} in `dtype` (floating tensors) and, for a layer with an added bias, marks it in `added`."""
+    """(bytes, layer name or None, produce) for each plain tensor (tied ones once, in their own dtype) and each
+    wrapped layer (its plain weight and bias in `dtype`); `produce()` gives {name: tensor} (a wrapped layer's also
+    whether its bias was added)."""
     state = model.state_dict(keep_vars=True) if state is None else state
     wrappers = _outer_wrappers(model)
     inside = tuple(name + "." for name in wrappers)
-    cast = lambda t: (t.detach().to(dtype) if t.is_floating_point() else t.detach()).contiguous()  # noqa: E731
     items, seen = [], set()
     for key, tensor in state.items():
         if key.startswith(inside) or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        size = tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
-        items.append((size, None, lambda key=key, tensor=tensor: {key: cast(tensor)}))
+        items.append((tensor.numel() * tensor.element_size(), None,
+                      lambda key=key, tensor=tensor: {key: tensor.detach().contiguous()}))
     for name, module in wrappers.items():
         def produce(name=name, module=module):
             weight, bias, added = module.plain_linear(state, name + ".")
-            out = {name + ".weight": cast(weight)}
+            out = {name + ".weight": weight.detach().to(dtype).contiguous()}
             if bias is not None:
-                out[name + ".bias"] = cast(bias)
+                out[name + ".bias"] = bias.detach().to(dtype).contiguous()
             return out, added
-        size = (module.in_features + 1) * module.out_features * dtype.itemsize
-        items.append((size, name, produce))
+        items.append((_plain_bytes(module, dtype), name, produce))
     return items
+
+
+def _plain_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """The bytes of a wrapped layer's plain weight and bias (a shard plan needs no exact figure)."""
+    dims = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if None in dims:
+        inner = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+        dims = (inner.in_features, inner.out_features) if inner is not None else (0, 0)
+    return (dims[0] + 1) * dims[1] * dtype.itemsize
 
 
 def _plan_shards(items: list, shard_bytes: int) -> tuple[list, list[str]]:
@@ -211,11 +220,16 @@ BESIDE_MODEL: dict = {}
 
 
 def save_outputs(model: nn.Module, tokenizer, output_dir: str, state: dict | None = None, log=print,
-                 extras: bool = True) -> str:
+                 extras: bool = True, merged: bool = True) -> str:
     """OUTPUT_DIR/model (`save_model_folder`), then each registered folder beside it (`BESIDE_MODEL`). Returns
-    model/'s path."""
-    path = save_model_folder(model, tokenizer, os.path.join(output_dir, "model"), state, log)
+    model/'s path. `merged=False`: only the folders beside it (LoRA's adapter/, which names its base model, as
+    PEFT saves), for a base too large to write again; a model with nothing to write beside it gets model/ anyway."""
+    written = []
     if extras:
         for name, write in BESIDE_MODEL.items():
-            write(model, os.path.join(output_dir, name), log)
-    return path
+            written += [p for p in [write(model, os.path.join(output_dir, name), log)] if p]
+    if merged or not written:
+        if not merged:
+            log("save_merged=false, but this model has no adapter to save alone: model/ is written")
+        return save_model_folder(model, tokenizer, os.path.join(output_dir, "model"), state, log)
+    return written[0]

@@ -77,6 +77,7 @@ class TrainConfig:
     output_dir: str = "runs/finetune"
     log_every: int = 10
     save_model: bool = True
+    save_merged: bool = True  # model/ (the merged plain model); false: LoRA's adapter/ alone (it names its base)
     save_every: int | None = None  # optimizer steps between training-state checkpoints (also saved at the end)
     keep_last: int = 2  # checkpoints kept on disk
     overwrite_output_dir: bool = False  # a fresh run into a folder that holds another run's outputs replaces them

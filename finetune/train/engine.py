@@ -285,7 +285,7 @@ class Engine:
         """OUTPUT_DIR/model (a plain transformers checkpoint) and what the method's layers write beside it
         (finetune.store.export.save_outputs). `state`: a full state dict gathered from FSDP shards."""
         return save_outputs(self.model, self.tokenizer, self.config.output_dir, state, self.recorder.log,
-                            extras=not self.sharded)
+                            extras=not self.sharded, merged=self.config.save_merged)
 
     # ------------------------------------------------------------------------------------------
     # evaluation and generation

@@ -182,6 +182,8 @@ def test_a_quantised_model_is_saved_shard_by_shard_and_reloads(tmp_path):
 
 
 def test_a_run_file_quantises_a_model_folder_while_it_loads(tmp_path, capsys):
+    """`finetune train` on a model folder with qlora quantises it while loading (once); `finetune generate` and
+    `eval` take the base quantised again plus the run's adapter, and compute what the saved model/ computes."""
     from finetune.cli import main
 
     folder = _sharded(tmp_path, "bart")
@@ -195,18 +197,53 @@ def test_a_run_file_quantises_a_model_folder_while_it_loads(tmp_path, capsys):
         [method]
         name = "qlora"
         lora_r = 4
-        quant_type = "fp4"
         [data]
         train = "{data}"
         [train]
         max_steps = 3
         batch_size = 3
+        lr = 0.05
         output_dir = "{tmp_path / 'out'}"
         progress = false
         precision = "fp32"
     """))
     assert main(["train", str(run)]) == 0
     log = capsys.readouterr().out
-    assert "quantize_4bit while loading" in log and "quantize_4bit: " not in log  # quantised once, while loading
-    reloaded, _ = load_seq2seq(str(tmp_path / "out" / "model"))
-    assert not [k for k in reloaded.state_dict() if "lora_" in k]
+    assert "quantize_4bit (nf4) while loading" in log and "quantize_4bit (nf4): " not in log  # quantised once, while loading
+    merged, tokenizer = load_seq2seq(str(tmp_path / "out" / "model"))
+    assert not [k for k in merged.state_dict() if "lora_" in k]
+    from finetune import load_adapter
+
+    base, _ = load_quantized(folder, "qlora")
+    load_adapter(base, str(tmp_path / "out" / "adapter"))
+    ids = torch.tensor([[5, 6, 7, 8, 2]])
+    want = merged.eval()(input_ids=ids, decoder_input_ids=ids).logits
+    got = base.eval()(input_ids=ids, decoder_input_ids=ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    adapter = ["--model", folder, "--adapter", str(tmp_path / "out" / "adapter"), "--quantize", "qlora",
+               "--num-beams", "1"]
+    assert main(["generate", *adapter, "teh", "wich"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in printed if "\t" in line] == ["teh", "wich"]
+    assert main(["eval", *adapter, "--data", str(data), "--output-dir", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert 0 <= json.loads(out[out.index("{\n"):])["exact_match"] <= 1
+    assert main(["generate", "--model", folder, "--adapter", str(tmp_path / "nowhere"), "teh"]) == 2
+    assert "--adapter" in capsys.readouterr().err
+
+
+def test_a_t5_lm_head_of_its_own_stays_its_own(tmp_path):
+    """transformers 5 declares T5's LM head tied to the embedding; a checkpoint holding both with different values
+    (every Flan-T5) loads them apart, in both loaders."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _sharded(tmp_path, "t5", shard="10MB")
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = weights["shared.weight"] * 2 + 1
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    plain, streamed = _loaded_both_ways(folder, "qlora")
+    for model in (plain, streamed):
+        assert model.lm_head.weight is not model.shared.weight
+        assert torch.equal(model.lm_head.weight, weights["lm_head.weight"])
+        assert model.encoder.embed_tokens.weight is model.shared.weight

@@ -62,6 +62,23 @@ def test_saved_model_reloads_with_the_trained_logits(tmp_path, family, method, k
         assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
+def test_save_merged_false_keeps_the_adapter_alone(tmp_path, capsys):
+    """save_merged=False: a LoRA run writes adapter/ (naming its base) and no model/; a run without an adapter
+    writes model/ anyway and says why (its training is never lost)."""
+    model, tok = tiny_bart()
+    apply_lora(model, r=4, dropout=0.0)
+    Engine(model, tok, cfg(tmp_path / "lora", save_merged=False)).fit(DATA)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    assert not (tmp_path / "lora" / "model").exists()
+    fresh, _ = tiny_bart()
+    load_adapter(fresh, str(tmp_path / "lora" / "adapter"))
+    assert torch.allclose(logits(fresh, tok), logits(model, tok), atol=1e-5)
+    full, tok = tiny_bart()
+    Engine(full, tok, cfg(tmp_path / "full", save_merged=False, progress=True)).fit(DATA)
+    assert (tmp_path / "full" / "model" / "model.safetensors").exists()
+    assert "no adapter to save alone" in capsys.readouterr().out
+
+
 def test_lora_model_folder_is_a_plain_transformers_checkpoint(tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
