@@ -7,7 +7,7 @@ from finetune.models.load import ModelNotAvailable, damaged_weights, load_seq2se
 from finetune.models.streamed import load_quantized
 from finetune.models.tokens import SpecialTokens, check_length, resolve_special_tokens
 
-__all__ = ["load_seq2seq", "load_quantized", "damaged_weights", "ModelNotAvailable", "bert2bert", "bert2bert_by_name", "Bert2Bert",
-           "minilm_path", "resolve_special_tokens", "SpecialTokens", "check_length", "enable_activation_checkpointing",
-           "freeze_unused_pooler", "set_dropout", "base_sized", "char_tokenizer", "tiny_bart", "tiny_bert2bert",
-           "tiny_t5"]
+__all__ = ["load_seq2seq", "load_quantized", "damaged_weights", "ModelNotAvailable", "bert2bert", "bert2bert_by_name",
+           "Bert2Bert", "minilm_path", "resolve_special_tokens", "SpecialTokens", "check_length",
+           "enable_activation_checkpointing", "freeze_unused_pooler", "set_dropout", "base_sized", "char_tokenizer",
+           "tiny_bart", "tiny_bert2bert", "tiny_t5"]

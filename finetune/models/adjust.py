@@ -8,6 +8,16 @@ from finetune.checks import in_unit_interval
 from finetune.families import family_of
 
 
+def drop_unused_pooler(model: nn.Module) -> bool:
+    """Remove the BERT pooler an encoder-decoder model keeps in its encoder (the family's `unused_pooler`): no
+    seq2seq forward reads it, transformers rebuilds it at random when it reloads a bert2bert, and the engine never
+    saves one. True when one was removed."""
+    if not family_of(model).unused_pooler or getattr(model.encoder, "pooler", None) is None:
+        return False
+    model.encoder.pooler = None
+    return True
+
+
 def freeze_unused_pooler(model: nn.Module, log=print) -> None:
     """An EncoderDecoderModel built by `from_encoder_decoder_pretrained` keeps BERT's pooler in its encoder. No
     seq2seq forward reads it, so it would get no gradient and stop training at the gradient check: freeze it."""

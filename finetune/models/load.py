@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from finetune.families import family_of
+from finetune.models.adjust import drop_unused_pooler
 
 
 def load_seq2seq(name_or_path: str, **kwargs):
@@ -70,12 +70,9 @@ def _load(name_or_path: str, marker: dict | None, local_only: bool, kwargs: dict
 def _check_load_report(model, info: dict, name_or_path: str, marker: dict | None) -> None:
     """The engine's own folders (`marker`) must match their config exactly (added BitFit biases put back);
     for any other checkpoint, each tensor transformers initialised at random is named in a warning."""
-    pooler = []
-    if family_of(model).unused_pooler and getattr(model.encoder, "pooler", None):
-        # transformers rebuilds BERT's pooler (randomly) when it reloads a bert2bert; the decoder never
-        # reads it, and as a trainable tensor without gradient it would stop training: drop it
-        model.encoder.pooler = None
-        pooler = ["encoder.pooler."]
+    # a reloaded bert2bert's pooler is rebuilt at random and never read (a trainable tensor without gradient would
+    # stop training): dropped, and its keys are not missing
+    pooler = ["encoder.pooler."] if drop_unused_pooler(model) else []
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(tuple(pooler)))
     unexpected = sorted(info.get("unexpected_keys", ()))
     mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", ()))

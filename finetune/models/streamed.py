@@ -5,9 +5,9 @@ The model is built with its parameters on the meta device (no memory; buffers ar
 files are read one at a time, tensor by tensor (each copied out of the file's mapping: `read_tensor`). A linear
 layer the method quantises becomes its int8 / 4-bit layer as soon as its weight (and bias) are read; every other
 tensor takes its place in the checkpoint's dtype. The peak is the quantised model plus one layer's work, where
-loading and then quantising holds the float model and the quantised one together. The codes are those `apply_method` would make from the loaded model, bit for bit
-(tests/models/test_streamed.py); `apply_method` with the same method then adds the adapters and checks that the
-settings match what was quantised.
+loading and then quantising holds the float model and the quantised one together. The codes are those
+`apply_method` would make from the loaded model, bit for bit (tests/models/test_streamed.py); `apply_method` with
+the same method then adds the adapters and checks that the settings match what was quantised.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import os
 import torch
 from torch import nn
 
-from finetune.families import family_of
 from finetune.methods.quant import linears_to_quantize
 from finetune.methods.surgery import replace_module
+from finetune.models.adjust import drop_unused_pooler
 from finetune.models.load import ModelNotAvailable
 
 
@@ -34,7 +34,7 @@ def load_quantized(path: str, method: str = "qlora", new_tensors=(), **settings)
     from finetune.methods.registry import QUANTIZED_AT_LOAD
     from finetune.methods.registry import method as method_named
     from finetune.methods.registry import quantized_at_load, quantizer_label
-    from finetune.store.export import read_marker
+    from finetune.store.export import config_dtype, read_marker
 
     chosen = method_named(method)
     if chosen.quantizer is None:
@@ -49,7 +49,7 @@ def load_quantized(path: str, method: str = "qlora", new_tensors=(), **settings)
     record = quantized_at_load(what, new_tensors, resolved)
     targets = linears_to_quantize(model, record["skip"], what, keep_float=not resolved["quantize_kept"])
     with work_buffers_mapped():
-        sizes = _stream(model, files, set(targets), make_linear(resolved), _config_dtype(config), marker is not None)
+        sizes = _stream(model, files, set(targets), make_linear(resolved), config_dtype(config), marker is not None)
     _tie_missing(model)
     _check_complete(model, path)
     setattr(model, QUANTIZED_AT_LOAD, record)
@@ -110,16 +110,8 @@ def empty_model(config, added_biases=()) -> nn.Module:
         model = AutoModelForSeq2SeqLM.from_config(config)
         if added_biases:
             add_biases_to(model, added_biases)
-    if family_of(model).unused_pooler and getattr(model.encoder, "pooler", None) is not None:
-        model.encoder.pooler = None
+    drop_unused_pooler(model)
     return model
-
-
-def _config_dtype(config) -> torch.dtype | None:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _stream(model, files, targets: set, make_linear, dtype, strict: bool) -> tuple[int, int]:
@@ -210,7 +202,7 @@ def work_buffers_mapped():
         if libc:
             libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
             libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-            libc.malloc_trim(0)
+        release_freed_memory()
 
 
 def _quantize_into(model, name: str, parts: dict, make_linear, sizes: list) -> None:
@@ -251,17 +243,21 @@ def _place(model, key: str, tensor: torch.Tensor, dtype, file: str) -> bool:
     return True
 
 
+def _on_meta(model) -> list[str]:
+    """The parameters (every name of a tied one) no checkpoint tensor has filled yet."""
+    return [name for name, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+
+
 def _tie_missing(model) -> None:
     """Tie what the checkpoint left to its class's tying (T5's embed_tokens, BART's LM head), as from_pretrained
     does: a tied tensor the checkpoint holds with values of its own (Flan-T5's LM head: transformers 5 declares it
     tied, its checkpoints hold it untied) stays its own."""
-    missing = {name for name, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"}
-    model.tie_weights(missing_keys=missing, recompute_mapping=True)
+    model.tie_weights(missing_keys=set(_on_meta(model)), recompute_mapping=True)
 
 
 def _check_complete(model, path: str) -> None:
     """Every parameter came from the checkpoint (or is tied to one that did): none is left on the meta device."""
-    missing = [name for name, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    missing = _on_meta(model)
     if missing:
         raise ModelNotAvailable(f"{path}: the checkpoint lacks {len(missing)} tensor(s) of its config ({missing[:5]}); "
                                 "quantising while loading cannot initialise them at random. Load it with "

@@ -88,11 +88,12 @@ def save_sharded(model: nn.Module, path: str, state: dict | None = None, dtype: 
     """Write the plain state dict as safetensors shards of at most ~`shard_bytes` plus their index (one file
     alone: `model.safetensors`, as transformers names it) and the config, computing each wrapped layer's plain
     weight only when its shard is written: the most held at once is one shard, never the whole float model (an
-    11B model quantised in memory would need 22 GB in bf16 for it). Floating tensors are written in `dtype` (default: the model config's dtype, else float32); tied
-    tensors once. Returns the layers with added biases."""
+    11B model quantised in memory would need 22 GB in bf16 for it). The wrapped layers' plain weights are written
+    in `dtype` (default: the model config's dtype, else float32), the other tensors as they are, tied ones once.
+    Returns the layers with added biases."""
     from safetensors.torch import save_file
 
-    dtype = dtype or _config_dtype(model.config)
+    dtype = dtype or config_dtype(model.config) or torch.float32
     shards, added = _plan_shards(_plain_items(model, state, dtype), shard_bytes)
     os.makedirs(path, exist_ok=True)
     weight_map, total = {}, 0
@@ -117,10 +118,12 @@ def save_sharded(model: nn.Module, path: str, state: dict | None = None, dtype: 
     return sorted(added)
 
 
-def _config_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None)
+def config_dtype(config) -> torch.dtype | None:
+    """The floating dtype a model config names (`dtype`, or the older `torch_dtype`; a string or a torch.dtype),
+    else None."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _plain_items(model: nn.Module, state: dict | None, dtype: torch.dtype) -> list:
