@@ -32,7 +32,8 @@ from torch import nn
 
 from finetune.distributed import load_full_state
 from finetune.store.outputs import replace_dir
-from finetune.train.optim import family_adam, flat_optimizer_state, nested_optimizer_state, optimizer_name
+from finetune.train.optim import (family_adam, flat_optimizer_state, nested_optimizer_state, optimizer_name,
+                                  training_recipe)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -294,7 +295,7 @@ def _resume_problems(state: dict, model, config: dict, data_hash: str, world_siz
         ours, theirs = set(_trainable(model)), set(state["trainable"])
         problems.append(f"the trainable parameters differ ({len(ours - theirs)} trainable now but not then, "
                         f"{len(theirs - ours)} then but not now, e.g. {sorted(ours ^ theirs)[:2]})")
-    used = _as_used(model)
+    used = _as_used(model, config.get("optimizer"))
     for key in RESUME_MUST_MATCH:  # a key newer than the checkpoint had its default then
         saved, now = state["config"].get(key, ADDED_LATER.get(key)), config.get(key)
         if _normalise(used.get(key, _same)(saved)) != _normalise(used.get(key, _same)(now)):
@@ -355,12 +356,15 @@ def _same(value):
     return value
 
 
-def _as_used(model) -> dict:
+def _as_used(model, optimizer: str | None) -> dict:
     """What a setting left unset (None) means for this model, so a resume compares what was used, not how it was
-    spelt: the optimizer, betas and eps of the family's recipe."""
+    spelt: the optimizer, betas and eps of the family's recipe, and the lr and schedule of the optimizer's (the
+    one configured now: a changed optimizer is reported on its own)."""
     betas, eps = family_adam(model)
+    recipe = training_recipe(model, optimizer, None, None)
     return {"optimizer": lambda v: optimizer_name(model, v), "betas": lambda v: betas if v is None else v,
-            "eps": lambda v: eps if v is None else v}
+            "eps": lambda v: eps if v is None else v, "lr": lambda v: recipe.lr if v is None else v,
+            "schedule": lambda v: recipe.schedule if v is None else v}
 
 
 def _normalise(value):

@@ -16,13 +16,14 @@ SCHEDULES = ("linear", "cosine", "constant")
 class TrainConfig:
     # optimisation
     optimizer: str | None = None  # "adamw", "adafactor", "adamw8bit"; None: the family's recipe (T5: adafactor)
-    lr: float = 5e-5
+    lr: float | None = None  # None: the optimizer's recipe (AdamW 5e-5; T5's Adafactor 1e-3: finetune.train.optim)
     weight_decay: float = 0.01
     betas: tuple[float, float] | None = None  # None: the model family's pretraining recipe (finetune.train.optim)
     eps: float | None = None
     no_decay: list[str] = field(default_factory=list)  # regexes added to the 1-D no-decay rule
     lr_overrides: dict[str, float] = field(default_factory=dict)  # regex -> learning rate
-    schedule: str = "linear"
+    schedule: str | None = None  # "linear", "cosine", "constant"; None: the optimizer's recipe (AdamW linear,
+    # T5's Adafactor constant)
     warmup_ratio: float = 0.0
     warmup_steps: int | None = None  # overrides warmup_ratio when set
     max_grad_norm: float | None = 1.0
@@ -109,14 +110,15 @@ class TrainConfig:
 
     def _check_optimisation(self) -> None:
         need = self._need
-        need(self.lr > 0, "lr", "must be > 0")
+        need(self.lr is None or self.lr > 0, "lr", "must be > 0 or None (the family's recipe)")
         from finetune.train.optim import OPTIMIZERS
 
         need(self.optimizer is None or self.optimizer in OPTIMIZERS, "optimizer",
              f"must be one of {', '.join(map(repr, OPTIMIZERS))} or None (the model family's recipe)")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
-        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        need(self.schedule is None or self.schedule in SCHEDULES, "schedule",
+             f"must be one of {SCHEDULES} or None (the family's recipe)")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or None")

@@ -41,7 +41,8 @@ from finetune.train.config import TrainConfig
 from finetune.train.guards import (TrainingStopped, check_device, check_engine_arguments, check_evaluation_settings,
                                    check_gradients, check_overfit_arguments, count_nonfinite)
 from finetune.train.loss import TrainingLoss
-from finetune.train.optim import build_optimizer, build_scheduler, describe_groups, optimizer_name, param_groups
+from finetune.train.optim import (Recipe, build_optimizer, build_scheduler, describe_groups, param_groups,
+                                  training_recipe)
 from finetune.train.precision import Precision
 from finetune.train.recorder import Recorder
 from finetune.train.run import Tokenized, TrainingRun, evaluate_during_fit, finish, subset
@@ -140,15 +141,20 @@ class Engine:
         """The optimizer (TrainConfig.optimizer, else the family's: finetune.train.optim) over the trainable tensors, in
         decay / no-decay and learning-rate groups, and its schedule."""
         cfg = self.config
-        lr = cfg.lr if lr is None else lr
+        recipe = self.recipe()  # unset optimizer / lr / schedule: the family's recipe, and the log says so
+        lr = recipe.lr if lr is None else lr
         groups = param_groups(self.model, cfg.weight_decay if weight_decay is None else weight_decay, cfg.no_decay,
                               cfg.lr_overrides, lr)
-        name = optimizer_name(self.model, cfg.optimizer)  # None: the family's recipe, and the log says so
-        self.recorder.log(f"optimizer {name}{'' if cfg.optimizer else ' (the family recipe)'}; "
-                          f"{describe_groups(groups, lr)}")
-        self.optimizer = build_optimizer(name, self.model, groups, lr, cfg.betas, cfg.eps)
-        self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, schedule or cfg.schedule)
+        self.recorder.log(f"optimizer {recipe.describe()}; {describe_groups(groups, lr)}")
+        self.optimizer = build_optimizer(recipe.optimizer, self.model, groups, lr, cfg.betas, cfg.eps)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, schedule or recipe.schedule)
         return self.optimizer, self.scheduler
+
+    def recipe(self) -> Recipe:
+        """The optimizer, peak learning rate and schedule this run trains with (TrainConfig's, else the family's
+        recipe: finetune.train.optim.training_recipe)."""
+        cfg = self.config
+        return training_recipe(self.model, cfg.optimizer, cfg.lr, cfg.schedule)
 
     def compile(self, **options) -> None:
         """`torch.compile` the module `train_step` runs (under torchrun, after `prepare`: the DDP / FSDP wrapper);
@@ -320,7 +326,7 @@ class Engine:
         _, examples = self._tokenized(pairs, "overfit batch")
         window = [self.collate(examples)]
         self.model.train()
-        self.build_optimizer(steps, 0, lr=lr or self.config.lr, schedule="constant", weight_decay=0.0)
+        self.build_optimizer(steps, 0, lr=lr, schedule="constant", weight_decay=0.0)
         history = []
         for step in range(steps):
             stats = self.train_step(window)

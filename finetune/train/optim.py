@@ -24,6 +24,7 @@ import warnings
 
 import torch
 from torch import nn
+from dataclasses import dataclass
 
 from finetune.families import family_of
 from finetune.patterns import compile_patterns
@@ -34,6 +35,40 @@ OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
 def optimizer_name(model: nn.Module, configured: str | None) -> str:
     """The optimizer a run uses: the configured one, else the family's recipe."""
     return configured or family_of(model).optimizer
+
+
+# The learning rate and schedule each optimizer's recipe trains at when TrainConfig leaves them unset (None):
+# AdamW at the fine-tuning rate of BERT / BART papers' small end with linear decay (the engine's default since
+# its first release); Adafactor at T5's fine-tuning recipe, a constant 1e-3 without warm-up (Raffel et al., 2020,
+# section 3.1.3).
+RECIPES = {"adamw": (5e-5, "linear"), "adamw8bit": (5e-5, "linear"), "adafactor": (1e-3, "constant")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a run trains with: the optimizer, peak learning rate and schedule, and which of them TrainConfig left
+    unset and the family's recipe gave (`taken`)."""
+    optimizer: str
+    lr: float
+    schedule: str
+    taken: tuple[str, ...]
+
+    def describe(self) -> str:
+        """E.g. "adafactor, lr 1e-3 constant (the family recipe)"; with only some taken, it names them."""
+        text = f"{self.optimizer}, lr {self.lr:g} {self.schedule}"
+        if len(self.taken) == 3:
+            return text + " (the family recipe)"
+        return text + (f" ({' and '.join(self.taken)} from the family recipe)" if self.taken else "")
+
+
+def training_recipe(model: nn.Module, optimizer: str | None, lr: float | None, schedule: str | None) -> Recipe:
+    """The optimizer, lr and schedule a run uses: each set value wins; each unset one (None) is the family's
+    recipe (finetune/families.py: T5 -> Adafactor, constant 1e-3; the others AdamW, 5e-5 linear). The lr and
+    schedule follow the optimizer in use, so an explicit optimizer="adamw" on T5 gets AdamW's rate."""
+    name = optimizer_name(model, optimizer)
+    recipe_lr, recipe_schedule = RECIPES[name]
+    taken = tuple(k for k, v in (("optimizer", optimizer), ("lr", lr), ("schedule", schedule)) if v is None)
+    return Recipe(name, recipe_lr if lr is None else lr, recipe_schedule if schedule is None else schedule, taken)
 
 
 def family_adam(model: nn.Module) -> tuple[tuple[float, float], float]:

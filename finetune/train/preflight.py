@@ -169,9 +169,9 @@ def _check_batch(report, engine, batch, pairs) -> None:
 def _check_groups(report, engine, new_parameters) -> bool:
     from finetune.train.optim import param_groups
 
-    cfg = engine.config
+    cfg, lr = engine.config, engine.recipe().lr
     try:
-        groups = param_groups(engine.model, cfg.weight_decay, cfg.no_decay, cfg.lr_overrides, cfg.lr)
+        groups = param_groups(engine.model, cfg.weight_decay, cfg.no_decay, cfg.lr_overrides, lr)
     except ValueError as err:
         report.add("FAIL", "parameter groups", str(err))
         return False
@@ -182,23 +182,23 @@ def _check_groups(report, engine, new_parameters) -> bool:
     lines, problems = [], []
     for g in groups:
         n = sum(p.numel() for p in g["params"])
-        lines.append(f"weight_decay {g['weight_decay']:g}, lr {g.get('lr', cfg.lr):g}: {len(g['params'])} tensors, "
+        lines.append(f"weight_decay {g['weight_decay']:g}, lr {g.get('lr', lr):g}: {len(g['params'])} tensors, "
                      f"{n:,} parameters")
         decaying_1d = [name for name, p in zip(g["names"], g["params"]) if p.dim() < 2 and g["weight_decay"]]
         if decaying_1d:
             problems.append(f"1-D tensors decay (biases / norm gains must not): {decaying_1d[:3]}")
-    lr_of = {name: g.get("lr", cfg.lr) for g in groups for name in g["names"]}
+    lr_of = {name: g.get("lr", lr) for g in groups for name in g["names"]}
     new = [n for n in new_parameters if n in lr_of]
     status = "PASS"
     if new:
-        slow = [n for n in new if lr_of[n] <= cfg.lr]
-        if slow and cfg.lr <= SMALL_LR:
+        slow = [n for n in new if lr_of[n] <= lr]
+        if slow and lr <= SMALL_LR:
             problems.append(f"{len(slow)} newly initialised tensors (e.g. {slow[0]}) train at the pretrained rate "
-                            f"{cfg.lr:g}, too small to move them from their random start in a short run; give them "
+                            f"{lr:g}, too small to move them from their random start in a short run; give them "
                             "their own rate (finetune.new_tensor_lr, [model] new_lr = 1e-3)")
         elif slow:
             status = "WARN"
-            lines.append(f"{len(slow)} newly initialised tensors train at the pretrained rate {cfg.lr:g}; a higher "
+            lines.append(f"{len(slow)} newly initialised tensors train at the pretrained rate {lr:g}; a higher "
                          "rate of their own (new_tensor_lr) usually trains them faster")
         else:
             lines.append(f"{len(new)} newly initialised tensors train at their own rate {lr_of[new[0]]:g}")

@@ -179,16 +179,42 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path):
 def test_t5_defaults_to_adafactor_and_says_so_and_adamw_overrides_it(tmp_path, capsys):
     from transformers.optimization import Adafactor
 
-    engine = Engine(*tiny_t5(), cfg(tmp_path, progress=True))
+    engine = Engine(*tiny_t5(), cfg(tmp_path, progress=True, lr=None, schedule=None))
     engine.prepare(DATA)
-    assert isinstance(engine.optimizer, Adafactor) and "optimizer adafactor (the family recipe)" in \
-        capsys.readouterr().out
-    engine = Engine(*tiny_t5(), cfg(tmp_path, optimizer="adamw"))
-    engine.prepare(DATA)
-    assert isinstance(engine.optimizer, torch.optim.AdamW)
-    bart = Engine(*tiny_bart(), cfg(tmp_path))
+    out = capsys.readouterr().out
+    assert isinstance(engine.optimizer, Adafactor) and "optimizer adafactor, lr 0.001 constant (the family recipe)" \
+        in out
+    assert engine.optimizer.param_groups[0]["lr"] == 1e-3 and engine.scheduler.lr_lambdas[0](3) == 1.0
+    engine = Engine(*tiny_t5(), cfg(tmp_path, optimizer="adamw", lr=None, schedule=None, progress=True))
+    engine.prepare(DATA)  # the lr and schedule follow the optimizer in use: AdamW's
+    assert isinstance(engine.optimizer, torch.optim.AdamW) and engine.optimizer.param_groups[0]["lr"] == 5e-5
+    assert "optimizer adamw, lr 5e-05 linear (lr and schedule from the family recipe)" in capsys.readouterr().out
+    bart = Engine(*tiny_bart(), cfg(tmp_path, lr=None, schedule=None))
     bart.prepare(DATA)
-    assert isinstance(bart.optimizer, torch.optim.AdamW)
+    assert isinstance(bart.optimizer, torch.optim.AdamW) and bart.optimizer.param_groups[0]["lr"] == 5e-5
+    assert bart.scheduler.lr_lambdas[0](3) < 1.0  # linear decay
+
+
+def test_a_set_lr_or_schedule_wins_over_the_family_recipe(tmp_path, capsys):
+    engine = Engine(*tiny_t5(), cfg(tmp_path, lr=3e-4, schedule=None, progress=True))
+    engine.prepare(DATA)
+    assert engine.optimizer.param_groups[0]["lr"] == 3e-4 and engine.scheduler.lr_lambdas[0](3) == 1.0
+    assert "optimizer adafactor, lr 0.0003 constant (optimizer and schedule from the family recipe)" in \
+        capsys.readouterr().out
+    engine = Engine(*tiny_t5(), cfg(tmp_path, lr=None, schedule="linear", warmup_steps=2))
+    engine.prepare(DATA)
+    assert engine.optimizer.param_groups[0]["initial_lr"] == 1e-3 and engine.scheduler.lr_lambdas[0](1) == 0.5
+
+
+def test_a_resume_compares_the_lr_and_schedule_used_not_how_they_were_spelt(tmp_path):
+    Engine(*tiny_t5(), cfg(tmp_path, lr=None, schedule=None, save_every=2)).fit(DATA)
+    same = Engine(*tiny_t5(), cfg(tmp_path, lr=1e-3, schedule="constant", save_every=2, max_steps=6))
+    with pytest.raises(CheckpointError, match="config.max_steps was 4, is now 6"):  # only that differs
+        same.prepare(DATA, resume="latest")
+    Engine(*tiny_t5(), cfg(tmp_path, lr=1e-3, schedule="constant", save_every=2)).prepare(DATA, resume="latest")
+    other = Engine(*tiny_t5(), cfg(tmp_path, lr=5e-5, schedule=None, save_every=2))
+    with pytest.raises(CheckpointError, match="config.lr was None, is now 5e-05"):
+        other.prepare(DATA, resume="latest")
 
 
 def test_a_bad_optimizer_name_is_refused_before_training():
