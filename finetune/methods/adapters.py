@@ -17,8 +17,9 @@ import re
 import torch
 from torch import nn
 
-from finetune.methods.lora import (apply_lora, check_lora_settings, linear_layers, lora_layers, pattern_value,
-                                   some_linear_names)
+from finetune.methods.lora import (apply_lora, check_lora_settings, full_tensors, keep_originals, linear_layers,
+                                   lora_layers, modules_to_save_names, pattern_value, some_linear_names,
+                                   tied_elsewhere)
 from finetune.methods.surgery import replace_module
 from finetune.patterns import compile_patterns
 from finetune.store.export import BESIDE_MODEL
@@ -31,17 +32,45 @@ PEFT_PREFIX = "base_model.model."
 _REQUIRED = object()  # an adapter config's key without a default
 
 
-def _also_train_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    patterns = getattr(model, "lora_config", {}).get("also_train", [])
-    regexes = compile_patterns(patterns, "also_train") if patterns else []
-    return {n: p for n, p in model.named_parameters() if any(rx.search(n) for rx in regexes)}
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA A/B weights (and DoRA magnitudes) and the also_train tensors, under their names in the model."""
+    """The LoRA A/B weights (and DoRA magnitudes) and the tensors trained in full beside them (`also_train`,
+    `modules_to_save`: finetune.methods.lora.full_tensors), under their names in the model."""
     state = {n: p for n, p in model.named_parameters() if is_lora_key(n)}
-    state.update(_also_train_tensors(model))
+    state.update(full_tensors(model))
     return {n: t.detach().contiguous() for n, t in state.items()}
+
+
+def peft_modules_to_save(model: nn.Module, names) -> list[str]:
+    """The module names PEFT's `modules_to_save` needs for these full tensors: the largest modules all of whose
+    tensors are among them, and for a tensor left over (a bias whose weight is frozen), the module holding it (the
+    adapter then carries only that tensor: PEFT's copy keeps the base's others). Each name is checked against
+    PEFT's matching rule (str.endswith over every module name), so PEFT wraps exactly these modules."""
+    everything = list(model.named_parameters(remove_duplicate=False))
+    wanted = {id(p) for n, p in everything if n in set(names)}
+    chosen = []
+    for module_name, module in model.named_modules():
+        if not module_name or any(module_name.startswith(c + ".") for c in chosen):
+            continue
+        tensors = list(module.parameters())
+        if tensors and all(id(p) in wanted and not tied_elsewhere(everything, p, module_name) for p in tensors):
+            chosen.append(module_name)
+    covered = {id(p) for n, p in everything if any(n.startswith(c + ".") for c in chosen)}
+    for name, tensor in everything:  # the shortest-owned alias of each tensor left over
+        if id(tensor) in wanted and id(tensor) not in covered:
+            owners = [n.rsplit(".", 1)[0] for n, p in everything if p is tensor]
+            owner = min(owners, key=lambda o: sum(1 for _ in model.get_submodule(o).parameters()))
+            tied = tied_elsewhere(everything, tensor, owner)
+            if tied:
+                raise ValueError(f"save_adapter(format='peft'): {name} is tied to {tied[0]}; PEFT's modules_to_save "
+                                 "would train a copy of one of them")
+            chosen.append(owner)
+            covered.add(id(tensor))
+    modules = [n for n, _ in model.named_modules() if n]
+    for name in chosen:
+        extra = [n for n in modules if n.endswith(name) and n != name]
+        if extra:
+            raise ValueError(f"save_adapter(format='peft'): PEFT's modules_to_save {name!r} would also wrap {extra[0]!r}")
+    return sorted(set(chosen))
 
 
 def save_adapter(model: nn.Module, directory: str, format: str = "finetune", base_model: str | None = None) -> str:
@@ -60,13 +89,12 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
         save_file(state, os.path.join(directory, ADAPTER_WEIGHTS))
         meta = {"format": "finetune-lora", **config, "base_model": base_model}
     elif format == "peft":
-        peft_state = {}
-        for name, tensor in state.items():
-            if is_lora_key(name):
-                peft_state[_to_peft_key(name)] = tensor
-            else:
-                raise ValueError(f"save_adapter(format='peft'): also_train tensor {name} has no PEFT key in this "
-                                 "exporter; save with format='finetune' or drop also_train")
+        full = [n for n in state if not is_lora_key(n)]
+        saved_modules = peft_modules_to_save(model, full) if full else None
+        peft_state = {_to_peft_key(n): t for n, t in state.items() if is_lora_key(n)}
+        for module in saved_modules or ():  # PEFT loads a module to save whole: its frozen tensors too
+            peft_state.update({_to_peft_key(f"{module}.{n}"): t.detach().contiguous()
+                               for n, t in model.get_submodule(module).state_dict(keep_vars=True).items()})
         save_file(peft_state, os.path.join(directory, PEFT_WEIGHTS))
         meta = {
             "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": config["r"], "lora_alpha": config["alpha"],
@@ -74,7 +102,7 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
             "use_dora": bool(config.get("dora", False)),
             "target_modules": config["modules"], "fan_in_fan_out": False, "init_lora_weights": True,
             "rank_pattern": config.get("rank_pattern", {}), "alpha_pattern": config.get("alpha_pattern", {}),
-            "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model,
+            "inference_mode": True, "modules_to_save": saved_modules, "base_model_name_or_path": base_model,
         }
     else:
         raise ValueError(f"save_adapter: format must be 'finetune' or 'peft', got {format!r}")
@@ -103,9 +131,10 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
     if mismatched:
         raise ValueError(f"{directory}: the adapter is {'DoRA' if settings['dora'] else 'plain LoRA'} and the model's "
                          f"LoRA layers are not (e.g. {mismatched[0]}); load it into a model without LoRA layers")
+    state = _without_base_copies(model, settings, state)
     _check_adapter_fits(model, directory, weights, settings, modules, state, existing)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    had_config = getattr(model, "lora_config", None)
+    had_config, had_originals = getattr(model, "lora_config", None), getattr(model, "lora_originals", None)
     try:
         if not existing:
             apply_lora(model, targets=["^" + re.escape(m) + "$" for m in modules], **settings)
@@ -116,14 +145,16 @@ def load_adapter(model: nn.Module, directory: str) -> list[str]:
             model.lora_config = {**(had_config or {}), "r": settings["r"], "alpha": settings["alpha"],
                                  "rslora": settings["rslora"], "rank_pattern": settings["rank_pattern"],
                                  "alpha_pattern": settings["alpha_pattern"], "modules": sorted(modules)}
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)
+        keep_originals(model)
     except Exception:
         if not existing:  # put the plain layers back
             for name, layer in lora_layers(model).items():
                 replace_module(model, name, layer.base_layer)
+            model.lora_originals = had_originals
         for p in model.parameters():
             p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
         if had_config is None and hasattr(model, "lora_config"):
@@ -146,6 +177,7 @@ def _read_adapter(directory: str):
         settings = dict(r=need("r", int), alpha=need("alpha", _NUMBER), dropout=need("dropout", _NUMBER, 0.0),
                         rslora=need("rslora", bool, False), dora=need("dora", bool, False),
                         also_train=need("also_train", list, []),
+                        modules_to_save=need("modules_to_save", list, []) or [],
                         rank_pattern=need("rank_pattern", dict, {}) or {},
                         alpha_pattern=need("alpha_pattern", dict, {}) or {})
         modules = need("modules", list)
@@ -191,7 +223,6 @@ def _read_peft(directory: str, config_path: str, meta: dict, need):
     if meta["peft_type"] != "LORA":
         raise ValueError(f"{config_path}: peft_type {meta['peft_type']!r}: only LoRA adapters are supported")
     unsupported = {"bias": meta.get("bias", "none") != "none",
-                   "modules_to_save": bool(meta.get("modules_to_save")),
                    "layers_to_transform": meta.get("layers_to_transform") is not None,
                    "fan_in_fan_out": bool(meta.get("fan_in_fan_out")),
                    "lora_bias": bool(meta.get("lora_bias"))}
@@ -203,7 +234,7 @@ def _read_peft(directory: str, config_path: str, meta: dict, need):
     weights = os.path.join(directory, PEFT_WEIGHTS)
     settings = dict(r=need("r", int), alpha=need("lora_alpha", _NUMBER), dropout=need("lora_dropout", _NUMBER, 0.0),
                     rslora=need("use_rslora", bool, False), dora=need("use_dora", bool, False) or False,
-                    also_train=(),
+                    also_train=(), modules_to_save=need("modules_to_save", list, []) or [],
                     rank_pattern=need("rank_pattern", dict, {}) or {},
                     alpha_pattern=need("alpha_pattern", dict, {}) or {})
     state = {_from_peft_key(k, weights): v for k, v in _load_weights(weights).items()}
@@ -240,7 +271,7 @@ def _check_adapter_fits(model, directory, weights, settings, modules, state, exi
         expected[f"{name}.lora_B.weight"] = (layer.out_features, r)
         if settings["dora"]:
             expected[f"{name}.lora_magnitude_vector.weight"] = (layer.out_features,)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key, tensor in state.items():
         plain = key if key in params else key.replace(".base_layer.", ".")  # a bias inside a layer LoRA will wrap
         shape = expected.get(key) or (tuple(params[plain].shape) if plain in params and not is_lora_key(key) else None)
@@ -252,12 +283,58 @@ def _check_adapter_fits(model, directory, weights, settings, modules, state, exi
     absent = sorted(set(expected) - set(state))
     if absent:
         raise ValueError(f"{weights}: missing LoRA tensors {absent[:3]}")
+    _check_full_tensors(model, weights, settings, state, existing)
+
+
+def _without_base_copies(model: nn.Module, settings: dict, state: dict) -> dict:
+    """The adapter's tensors less those of a module to save that are the base's own, unchanged: tensors tied to one
+    outside the module (BERT's LM-head weight, the word embeddings) and buffers, which PEFT writes with the module
+    and which stay frozen here."""
+    saved = modules_to_save_names(model, settings.get("modules_to_save", ()), "modules_to_save")
+    everything = list(model.named_parameters(remove_duplicate=False))
+    own = {**dict(model.named_buffers()), **dict(everything)}
+    kept = {}
+    for key, tensor in state.items():
+        module = next((m for m in saved if key.startswith(m + ".")), None)
+        mine = own.get(key)
+        tied = mine is not None and module is not None and bool(tied_elsewhere(everything, mine, module))
+        if module is None or mine is None or not (tied or key not in dict(everything)) \
+                or mine.shape != tensor.shape or not torch.equal(mine.detach().to(tensor.dtype), tensor):
+            kept[key] = tensor
+    return kept
+
+
+def _check_full_tensors(model, weights, settings, state, existing) -> None:
+    """The adapter's tensors trained in full each lie in one of its modules_to_save (or match its also_train), and
+    none is tied to a tensor outside its module (PEFT keeps a copy of such a module; here modules train in place,
+    so loading it would change the tied tensor too). Into a model with LoRA layers, only onto its own."""
+    saved = modules_to_save_names(model, settings["modules_to_save"], f"{weights}: modules_to_save")
+    regexes = compile_patterns(settings["also_train"], f"{weights}: also_train")
+    everything = list(model.named_parameters(remove_duplicate=False))
+    params, ours = dict(everything), {id(p) for p in full_tensors(model).values()} if existing else None
+    for key in (k for k in state if not is_lora_key(k)):
+        module = next((m for m in saved if key.startswith(m + ".")), None)
+        if module is None and not any(rx.search(key) for rx in regexes):
+            raise ValueError(f"{weights}: tensor {key!r} is neither LoRA's nor in one of the adapter's modules_to_save "
+                             f"({settings['modules_to_save']})")
+        tensor = params[key] if key in params else params[key.replace(".base_layer.", ".")]  # LoRA will wrap it
+        tied = tied_elsewhere(everything, tensor, module) if module else []
+        if tied:
+            raise ValueError(f"{weights}: {key} is tied to {tied[0]}, outside modules_to_save {module!r}: PEFT trains "
+                             "a copy of the module, this engine trains it in place; loading it would change both")
+        if ours is not None and id(tensor) not in ours:
+            raise ValueError(f"{weights}: {key} trains in full in this adapter and not in the model's LoRA setup; "
+                             "load the adapter into a model without LoRA layers")
 
 
 def _from_peft_key(key: str, where: str = "PEFT adapter") -> str:
+    """A PEFT key as the tensor's name in the model: LoRA's adapter name dropped, and a modules_to_save tensor as
+    the module's own (PEFT writes `X.weight`; `X.modules_to_save.default.weight`, the name inside a PeftModel, is
+    read too)."""
     if not key.startswith(PEFT_PREFIX):
         raise ValueError(f"{where}: unexpected key {key!r} (expected the prefix {PEFT_PREFIX!r})")
     key = key[len(PEFT_PREFIX):]
+    key = key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
     key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector.weight", key)
     return re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1.weight", key)
 
@@ -274,8 +351,8 @@ def is_lora_key(name: str) -> bool:
 
 
 def save_adapter_folder(model: nn.Module, path: str, log=print) -> str | None:
-    """A LoRA model's adapter alone into `path` (PEFT format; ours when it also trains whole tensors, which
-    PEFT's format cannot name), swapped in atomically. None when the model has no (unmerged) LoRA layers."""
+    """A LoRA model's adapter alone into `path` (PEFT format, tensors trained in full as its modules_to_save; ours
+    where PEFT's cannot name them), swapped in atomically. None when the model has no (unmerged) LoRA layers."""
     import shutil
 
     from finetune.store.outputs import replace_dir
@@ -285,8 +362,14 @@ def save_adapter_folder(model: nn.Module, path: str, log=print) -> str | None:
         return None
     path = os.path.abspath(os.fspath(path))
     shutil.rmtree(path + ".tmp", ignore_errors=True)
-    fmt = "finetune" if model.lora_config.get("also_train") else "peft"
-    save_adapter(model, path + ".tmp", format=fmt)
+    try:
+        fmt = "peft"
+        save_adapter(model, path + ".tmp", format=fmt)
+    except ValueError as err:  # full tensors PEFT's modules_to_save cannot name as they are (tied outside)
+        log(f"adapter: PEFT's format cannot hold it ({err}); our format instead")
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+        fmt = "finetune"
+        save_adapter(model, path + ".tmp", format=fmt)
     replace_dir(path + ".tmp", path)
     log(f"adapter ({fmt} format) saved to {path}")
     return path

@@ -247,7 +247,7 @@ def pattern_value(patterns: dict, name: str, default):
 def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
               dropout: float = DEFAULT_DROPOUT, exclude=(),
               rank_pattern: dict | None = None, alpha_pattern: dict | None = None, dora: bool = False,
-              also_train=()) -> tuple[list[str], list[str]]:
+              also_train=(), modules_to_save=()) -> tuple[list[str], list[str]]:
     """Check LoRA's settings against the model and say what `apply_lora` would wrap, changing nothing: (target
     patterns, names of the linear layers to wrap). A bad setting, or a target pattern that matches no linear
     layer, is an error naming it. Methods that quantise the base first (int8-lora, qlora) call this before they
@@ -283,17 +283,23 @@ def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float =
     if unmatched:
         raise ValueError(f"apply_lora: target pattern(s) {unmatched} match no linear layer "
                          f"(linear layers look like {some_linear_names(model)})")
+    saved = modules_to_save_names(model, modules_to_save)
+    inside = [(w, m) for w in names for m in saved if w == m or w.startswith(m + ".")]
+    if inside:
+        raise ValueError(f"apply_lora: modules_to_save module {inside[0][1]!r} holds the LoRA target {inside[0][0]!r}; "
+                         "a module trains either in full or through an adapter: exclude its layers from the targets")
     return targets, names
 
 
 def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
                dropout: float = DEFAULT_DROPOUT,
                also_train=(), rslora: bool = False, exclude=(), rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None, dora: bool = False) -> list[str]:
+               alpha_pattern: dict | None = None, dora: bool = False, modules_to_save=()) -> list[str]:
     """Wrap the linear layers whose module name matches a target regex; freeze everything else.
 
     `also_train` regexes name parameters that train in full beside the adapters (e.g. bert2bert's new
-    cross-attention); `exclude` regexes name modules never to wrap. `rank_pattern` / `alpha_pattern` give
+    cross-attention); `modules_to_save` names modules that train in full and are saved with the adapter (PEFT's
+    setting and matching rule: `modules_to_save_names`); `exclude` regexes name modules never to wrap. `rank_pattern` / `alpha_pattern` give
     some layers another r / alpha (PEFT's keys and matching rule, `pattern_value`). `dora=True` adds DoRA's
     trainable magnitude per output row (Liu et al., 2024; PEFT's `use_dora`). Bases may be float, int8 or
     4-bit (finetune.methods.int8, finetune.methods.int4). Every setting is checked first (`lora_plan`: a target that matches no
@@ -301,7 +307,7 @@ def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float 
     settings are kept on `model.lora_config` for `save_adapter`.
     """
     targets, wrapped = lora_plan(model, targets, r, alpha, dropout, exclude, rank_pattern, alpha_pattern, dora,
-                                 also_train)
+                                 also_train, modules_to_save)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for name in wrapped:
         module = model.get_submodule(name)
@@ -320,8 +326,69 @@ def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float 
     wrapped = sorted(wrapped)
     model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "dora": dora, "targets": targets,
                          "also_train": list(also_train), "modules": wrapped, "rank_pattern": rank_pattern,
-                         "alpha_pattern": alpha_pattern}
+                         "alpha_pattern": alpha_pattern, "modules_to_save": list(modules_to_save or ())}
+    for tensor in full_tensors(model).values():
+        tensor.requires_grad_(True)
+    keep_originals(model)
     return wrapped
+
+
+def modules_to_save_names(model: nn.Module, entries, where: str = "apply_lora modules_to_save") -> list[str]:
+    """The modules PEFT's `modules_to_save` entries name: every module whose name ends with an entry (PEFT's
+    `_set_trainable`: str.endswith, so "layer_norm" also names "final_layer_norm"). An entry naming no module with
+    parameters, or a module inside another one named, is an error naming it."""
+    entries = [entries] if isinstance(entries, str) else list(entries or ())
+    if not all(isinstance(e, str) and e for e in entries):
+        raise ValueError(f"{where}: expected a list of module names, got {entries!r}")
+    modules = {n: m for n, m in model.named_modules() if n and any(True for _ in m.parameters())}
+    found = {e: [n for n in modules if n.endswith(e)] for e in entries}
+    idle = [e for e, names in found.items() if not names]
+    if idle:
+        raise ValueError(f"{where}: {idle} name no module with parameters (module names end like "
+                         f"{sorted(modules)[:3]})")
+    names = sorted({n for names in found.values() for n in names})
+    nested = [(a, b) for a in names for b in names if b.startswith(a + ".")]
+    if nested:
+        raise ValueError(f"{where}: {nested[0][1]!r} lies inside {nested[0][0]!r}, both named: name one of them")
+    return names
+
+
+def full_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The tensors a LoRA model trains in full beside its adapters and saves with them, by name: the `also_train`
+    parameters and those of the `modules_to_save` modules - less a module's tensors tied to one outside it (an
+    input embedding shared with the LM head: PEFT would train a copy; here they stay frozen and unsaved)."""
+    config = getattr(model, "lora_config", None) or {}
+    everything = list(model.named_parameters(remove_duplicate=False))
+    regexes = compile_patterns(config.get("also_train", []), "also_train")
+    chosen = {n: p for n, p in everything if any(rx.search(n) for rx in regexes)}
+    for module in modules_to_save_names(model, config.get("modules_to_save", ())):
+        chosen.update({n: p for n, p in everything
+                       if n.startswith(module + ".") and not tied_elsewhere(everything, p, module)})
+    once, seen = {}, set()
+    for name, tensor in chosen.items():  # a tensor with two names (tied inside the module) once
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            once[name] = tensor
+    return once
+
+
+def tied_elsewhere(named: list, tensor: torch.Tensor, module: str) -> list[str]:
+    """The names `tensor` has outside `module` among `named` (named_parameters(remove_duplicate=False)), less the
+    aliases on the module's ancestors (BERT's LM head keeps its decoder's bias as `predictions.bias` too; the
+    forward reads the decoder's): a tensor that also serves another part of the model, such as a shared embedding."""
+    return [n for n, p in named if p is tensor and not n.startswith(module + ".")
+            and not module.startswith(n.rsplit(".", 1)[0] + ".")]
+
+
+def keep_originals(model: nn.Module) -> None:
+    """Keep the values the full tensors had before training (`model.lora_originals`, once per tensor), so that
+    switching to another adapter or disabling this one (finetune.methods.adapter_set) puts them back, as PEFT's
+    modules_to_save keeps the original module beside its trained copy."""
+    originals = getattr(model, "lora_originals", None) or {}
+    for name, tensor in full_tensors(model).items():
+        if name not in originals:
+            originals[name] = tensor.detach().clone()
+    model.lora_originals = originals
 
 
 def some_linear_names(model, n=4):

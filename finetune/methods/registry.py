@@ -46,7 +46,7 @@ class Setting:
     def validate(self, value, where: str = "method", prefix: str = ""):
         """The value, checked (an int where a float is declared becomes a float); ValueError naming the setting
         (`prefix` goes before its name in a value's error, e.g. "[method] ")."""
-        if self.kind == "regexes":
+        if self.kind in ("regexes", "names"):
             value = [value] if isinstance(value, str) else value
             ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
             value = list(value) if ok and value is not None else value
@@ -67,7 +67,7 @@ class Setting:
 
 
 _KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-               "regexes": "a list of regex strings (or none)"}
+               "regexes": "a list of regex strings (or none)", "names": "a list of module names (or none)"}
 
 
 def _positive(value):
@@ -89,6 +89,8 @@ LORA_SETTINGS = (
     Setting("lora_rslora", False, bool, doc="rsLoRA: scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)"),
     Setting("lora_plus_ratio", None, float, _positive, "LoRA+: B trains at this multiple of A's learning rate "
             "(Hayou et al., 2024: 16); none: the same rate"),
+    Setting("modules_to_save", None, "names", doc="modules trained in full beside the adapters and saved with them "
+            "(PEFT's modules_to_save: every module whose name ends with an entry, e.g. lm_head)"),
 )
 APPLIED = "finetune_method"  # the model attribute naming the method applied to it
 ADAPTER_LR = 1e-3  # adapters and biases start from zero or train few tensors (benchmarks/results/spelling_recipes)
@@ -177,7 +179,8 @@ def _lora_placement(new_tensors) -> dict:
 
 
 def _lora_args(s: dict) -> dict:
-    return {"targets": s["lora_targets"], "r": s["lora_r"], "alpha": s["lora_alpha"], "dropout": s["lora_dropout"]}
+    return {"targets": s["lora_targets"], "r": s["lora_r"], "alpha": s["lora_alpha"], "dropout": s["lora_dropout"],
+            "modules_to_save": s["modules_to_save"] or ()}
 
 
 def with_defaults(settings: tuple[Setting, ...], **defaults) -> tuple[Setting, ...]:
@@ -212,7 +215,7 @@ def _quantized_lora(make_linear: Callable, what: str) -> Callable:
         lora_module.lora_plan(model, **_lora_args(s), **_lora_placement(new_tensors))
         at_load = getattr(model, QUANTIZED_AT_LOAD, None)
         if at_load is None:
-            replace_linears(model, make_linear(s), _new(new_tensors), quantizer_label(what, s),
+            replace_linears(model, make_linear(s), float_modules(new_tensors, s), quantizer_label(what, s),
                             keep_float=not s["quantize_kept"])
         else:
             _check_quantized_at_load(at_load, what, new_tensors, s)
@@ -228,12 +231,18 @@ def quantizer_label(what: str, s: dict) -> str:
 
 def quantization_settings(s: dict) -> dict:
     """The settings of a quantised method that decide its codes (all but LoRA's)."""
-    return {k: v for k, v in s.items() if not k.startswith("lora_")}
+    return {k: v for k, v in s.items() if not k.startswith("lora_") and k != "modules_to_save"}
+
+
+def float_modules(new_tensors, s: dict) -> list[str]:
+    """Regexes of what a quantised base keeps float because it trains in full: the new tensors and the modules
+    `modules_to_save` names (and everything inside them)."""
+    return _new(new_tensors) + [re.escape(e) + r"(\..*)?$" for e in s.get("modules_to_save") or ()]
 
 
 def quantized_at_load(what: str, new_tensors, s: dict) -> dict:
     """What a base quantised while it loaded records (the model attribute QUANTIZED_AT_LOAD)."""
-    return {"quantizer": what, "settings": quantization_settings(s), "skip": _new(new_tensors)}
+    return {"quantizer": what, "settings": quantization_settings(s), "skip": float_modules(new_tensors, s)}
 
 
 def _check_quantized_at_load(at_load: dict, what: str, new_tensors, s: dict) -> None:
