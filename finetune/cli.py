@@ -76,17 +76,46 @@ def _engine_for(args, output_dir: str | None = None):
     if not os.path.isdir(args.model):
         raise ModelNotAvailable(f"--model {args.model}: not a folder (pass the model/ folder a training run wrote, or "
                                 "the base model's folder with --adapter)")
-    if args.adapter is not None and not os.path.isdir(args.adapter):
-        raise ModelNotAvailable(f"--adapter {args.adapter}: not a folder (pass the adapter/ folder a LoRA run wrote)")
+    adapters = _adapters(args.adapter)
     cfg = TrainConfig(num_beams=args.num_beams, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       output_dir=output_dir or os.path.join(args.model, "eval"), progress=False, **_generation(args))
     if args.quantize:  # after the settings are checked
         model, tokenizer = load_quantized(args.model, args.quantize, quantize_kept=args.quantize_kept)
     else:
         model, tokenizer = load_seq2seq(args.model)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    for name, path in adapters.items():
+        load_adapter(model, path, adapter_name=name if len(adapters) > 1 else None)
     return Engine(model, tokenizer, cfg)
+
+
+def _adapters(values) -> dict[str, str]:
+    """--adapter values by name: one PATH (the adapter alone), or NAME=PATH each (several on one base); every
+    folder checked before the model loads."""
+    adapters = {}
+    for value in values or ():
+        name, path = ("", value) if os.path.isdir(value) or "=" not in value else value.split("=", 1)
+        if len(values) > 1 and not name:
+            raise ModelNotAvailable(f"--adapter {value}: with several adapters, name each one: --adapter NAME=PATH")
+        if name in adapters:
+            raise ModelNotAvailable(f"--adapter {value}: the name {name!r} is given twice")
+        if not os.path.isdir(path):
+            raise ModelNotAvailable(f"--adapter {value}: {path} is not a folder (pass the adapter/ folder a LoRA run "
+                                    "wrote, or PEFT's)")
+        adapters[name] = path
+    return adapters
+
+
+def _each_adapter(engine):
+    """(name, engine) for each adapter `_engine_for` loaded (set active in turn), or ("", engine) for one or none."""
+    from finetune.methods import adapter_names, set_adapter
+
+    names = adapter_names(engine.model)
+    if len(names) < 2:
+        yield "", engine
+        return
+    for name in names:
+        set_adapter(engine.model, name)
+        yield name, engine
 
 
 def cmd_eval(args) -> int:
@@ -94,15 +123,15 @@ def cmd_eval(args) -> int:
         raise ModelNotAvailable(f"--model {args.model}: not a folder (pass the model/ folder a training run wrote)")
     pairs = read_pairs(args.data)  # a bad data file fails before the model loads
     engine = _engine_for(args, args.output_dir)
-    metrics = engine.evaluate(pairs)
-    print(json.dumps(metrics, indent=1))
+    results = {name: engine.evaluate(pairs) for name, engine in _each_adapter(engine)}
+    print(json.dumps(results[""] if "" in results else results, indent=1))
     return 0
 
 
 def cmd_generate(args) -> int:
-    engine = _engine_for(args)
-    for text, out in zip(args.texts, engine.generate(args.texts)):
-        print(f"{text}\t{out}")
+    for name, engine in _each_adapter(_engine_for(args)):
+        for text, out in zip(args.texts, engine.generate(args.texts)):
+            print(f"{name}\t{text}\t{out}" if name else f"{text}\t{out}")
     return 0
 
 
@@ -191,8 +220,9 @@ def plot_history(train, evals, png: str, best_step: int | None = None) -> None:
 def _model_arguments(p, name: str):
     """The arguments of `finetune eval` and `finetune generate`."""
     p.add_argument("--model", required=True, help="a model/ folder a run wrote, or a base model's folder")
-    p.add_argument("--adapter", default=None,
-                   help="a LoRA adapter folder (adapter/ of a run, or PEFT's) on --model")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]PATH",
+                   help="a LoRA adapter folder (adapter/ of a run, or PEFT's) on --model; repeat as NAME=PATH for "
+                        "several on one base: each is evaluated / generates in turn, under its name")
     p.add_argument("--quantize", choices=("qlora", "int8-lora"), default=None,
                    help="quantise --model while it loads (4-bit NF4 or int8), as the run that trained the adapter")
     p.add_argument("--quantize-kept", action="store_true",

@@ -4,8 +4,11 @@
     freeze      freezing by pattern, BitFit (with zero-initialised biases where a family has none)
     lora        LoRA / DoRA layers (`apply_lora`, `merge_lora`)
     adapters    LoRA adapters on disk, in this package's format or PEFT's
+    adapter_set several adapters on one base by name: switch, disable, delete, merge one, weighted combinations
     quant       what the int8 and 4-bit layers share; int8, int4: bitsandbytes' Linear8bitLt and NF4 / FP4
 """
+from finetune.methods.adapter_set import (active_adapter, adapter_names, add_weighted_adapter, delete_adapter,
+                                          disable_adapter, merge_adapter, set_adapter)
 from finetune.methods.adapters import load_adapter, save_adapter
 from finetune.methods.freeze import bitfit, freeze, trainable_report, unfreeze
 from finetune.methods.int4 import quantize_4bit
@@ -18,4 +21,5 @@ from finetune.methods.registry import (ADAPTER_LR, FULL_LR, LORA_SETTINGS, METHO
 __all__ = ["METHODS", "REGISTRY", "Method", "Setting", "LORA_SETTINGS", "ADAPTER_LR", "FULL_LR", "register", "method",
            "apply_method", "settings_of", "with_defaults", "new_tensor_lr", "encoder_pattern", "exact_names_pattern",
            "freeze", "unfreeze", "bitfit", "trainable_report", "apply_lora", "merge_lora", "LoRALinear",
-           "save_adapter", "load_adapter", "quantize_int8", "quantize_4bit"]
+           "save_adapter", "load_adapter", "quantize_int8", "quantize_4bit", "active_adapter", "adapter_names",
+           "set_adapter", "disable_adapter", "delete_adapter", "merge_adapter", "add_weighted_adapter"]

@@ -17,9 +17,9 @@ import re
 import torch
 from torch import nn
 
+from finetune.methods.adapter_set import active_adapter, stash_for_loading
 from finetune.methods.lora import (apply_lora, check_lora_settings, full_tensors, keep_originals, linear_layers,
-                                   lora_layers, modules_to_save_names, pattern_value, some_linear_names,
-                                   tied_elsewhere)
+                                   lora_layers, modules_to_save_names, pattern_value, some_linear_names, tied_elsewhere)
 from finetune.methods.surgery import replace_module
 from finetune.patterns import compile_patterns
 from finetune.store.export import BESIDE_MODEL
@@ -111,14 +111,31 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str) -> list[str]:
+def load_adapter(model: nn.Module, directory: str, adapter_name: str | None = None) -> list[str]:
     """Load an adapter folder (ours or PEFT's) into `model`, applying LoRA first if it has none yet.
+
+    With `adapter_name`, into a model that has an adapter already, it is loaded beside it under that name and the
+    active adapter stays active (PEFT's `load_adapter(path, adapter_name)`; finetune.methods.adapter_set switches);
+    into a model without one, it becomes the active adapter of that name. Without a name, into a model with LoRA
+    layers, its tensors replace the active adapter's (same modules only).
 
     Everything is read and checked before the model is touched - the config (required keys and their
     types), the weights (every tensor has a place, of the right shape), the settings PEFT can express and this
     layer cannot (refused, never ignored) - so a bad adapter leaves the model exactly as it was. Loaded into a
     model that already has LoRA layers on the same modules, the adapter's alpha (scaling) replaces theirs.
     """
+    if adapter_name is not None and active_adapter(model) is not None:
+        with stash_for_loading(model, adapter_name):
+            return _load_into(model, directory)
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+        raise ValueError(f"load_adapter: adapter_name must be a non-empty string, got {adapter_name!r}")
+    loaded = _load_into(model, directory)
+    if adapter_name is not None:
+        model.lora_adapter_name = adapter_name
+    return loaded
+
+
+def _load_into(model: nn.Module, directory: str) -> list[str]:
     settings, modules, state, weights = _read_adapter(os.fspath(directory))
     existing = lora_layers(model)
     if existing and sorted(existing) != sorted(modules):

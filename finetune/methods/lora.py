@@ -409,6 +409,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             layer.base_layer = base
         layer.merge()
         replace_module(model, name, base)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    for attribute in ("lora_config", "lora_stash", "lora_originals", "lora_adapter_name"):  # other adapters too
+        if hasattr(model, attribute):
+            delattr(model, attribute)
     return model

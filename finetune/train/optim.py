@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from dataclasses import dataclass
 
 from finetune.families import family_of
 from finetune.patterns import compile_patterns

@@ -3,11 +3,11 @@ keys and matching rule), including a warm-started bert2bert's new tensors (the m
 import pytest
 import torch
 from conftest import build
+from test_lora import inputs, logits, randomise_b
 
 from finetune.methods import apply_method
 from finetune.methods.adapters import load_adapter, save_adapter
 from finetune.methods.lora import apply_lora, full_tensors, lora_layers
-from test_lora import inputs, logits, randomise_b
 
 peft = pytest.importorskip("peft")
 
