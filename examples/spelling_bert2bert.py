@@ -95,6 +95,9 @@ def main(argv=None):
     ap.add_argument("--compare-probe-steps", type=int, default=PROBE_STEPS,
                     help=f"with --compare --budget time: steps of each method's timing probe (the first "
                          f"{PROBE_WINDOW} are not timed; default {PROBE_STEPS})")
+    ap.add_argument("--check-peft", action="store_true",
+                    help="LoRA methods: load the saved adapter/ into a fresh base with PEFT (PeftModel, merged by "
+                         "PEFT) and report its test exact match beside the engine's")
     ap.add_argument("--probe-steps", type=int, default=None, help=argparse.SUPPRESS)  # compare's timing probe
     ap.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -170,6 +173,8 @@ def main(argv=None):
     print("edit distance | pairs | exact match")
     for b, v in metrics["by_edit_distance"].items():
         print(f"{b:>13} | {v['n']:>5} | {v['exact_match']:.3f}")
+    if args.check_peft:
+        check_peft(args, config, test, metrics)
     with open(os.path.join(args.output_dir, "test_predictions.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     for label, correct in (("corrected", True), ("missed", False)):  # the first five of each, in test order
@@ -188,6 +193,22 @@ def main(argv=None):
                        "best_valid": best, "peak_rss_mib": peak_mib, "precision": engine.precision.name,
                        "optimizer": engine.optimizer.__class__.__name__}, f)
     return 0
+
+
+def check_peft(args, config, test, metrics) -> None:
+    """The run's adapter/ (PEFT's format: the new cross-attention and head transform as its modules_to_save) on a
+    fresh warm start whose new tensors are other random values, loaded and merged by PEFT, on the same test pairs."""
+    from peft import PeftModel
+
+    adapter = os.path.join(args.output_dir, "adapter")
+    if not os.path.isdir(adapter):
+        raise SystemExit(f"--check-peft: {adapter} was not written (a LoRA method saves it)")
+    torch.manual_seed(args.seed + 1)
+    fresh = bert2bert_by_name(args.model)
+    merged = PeftModel.from_pretrained(fresh.model, adapter).merge_and_unload()
+    theirs = Engine(merged, fresh.tokenizer, config).evaluate(test)
+    print(f"PEFT check: the adapter loaded by PeftModel gives exact match {theirs['exact_match']:.3f} on the same "
+          f"{len(test)} test pairs (the engine: {metrics['exact_match']:.3f})")
 
 
 BUCKETS = ("1", "2", "3", "4", "5", "6+")

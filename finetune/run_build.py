@@ -32,7 +32,9 @@ def build_model(section: ModelSection, method=None):
     if section.name == "minilm" or section.bert2bert:
         built = models.bert2bert_by_name(section.name)
         return built.model, built.tokenizer, built.new_parameters
-    if method is not None and method_named(method.name).quantizer and os.path.isdir(section.name):
+    declared = method_named(method.name) if method is not None else None
+    loftq = declared is not None and declared.resolve(method.settings).get("lora_init") == "loftq"
+    if declared is not None and declared.quantizer and not loftq and os.path.isdir(section.name):  # LoftQ: in float
         model, tokenizer = models.load_quantized(section.name, method.name, **method.settings)
         return model, tokenizer, []
     model, tokenizer = models.load_seq2seq(section.name)

@@ -20,6 +20,7 @@ from torch import nn
 from finetune.methods.adapter_set import active_adapter, stash_for_loading
 from finetune.methods.lora import (apply_lora, check_lora_settings, full_tensors, keep_originals, linear_layers,
                                    lora_layers, modules_to_save_names, pattern_value, some_linear_names, tied_elsewhere)
+from finetune.methods.lora_init import converted_for_the_original_base
 from finetune.methods.surgery import replace_module
 from finetune.patterns import compile_patterns
 from finetune.store.export import BESIDE_MODEL
@@ -83,7 +84,7 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
     if any(m.merged for m in lora_layers(model).values()):
         raise ValueError("save_adapter: the LoRA layers are merged; unmerge() them first")
     os.makedirs(directory, exist_ok=True)
-    state = adapter_state_dict(model)
+    state, config = _against_the_original_base(model, adapter_state_dict(model), config)
     base_model = base_model or getattr(model.config, "_name_or_path", None) or None
     if format == "finetune":
         save_file(state, os.path.join(directory, ADAPTER_WEIGHTS))
@@ -109,6 +110,25 @@ def save_adapter(model: nn.Module, directory: str, format: str = "finetune", bas
     with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     return directory
+
+
+def _against_the_original_base(model: nn.Module, state: dict, config: dict) -> tuple[dict, dict]:
+    """A PiSSA adapter (whose model computes with the residual base) as one for the original base, rank 2r and
+    alpha doubled (finetune.methods.lora_init: PEFT's conversion); any other adapter as it is."""
+    layers = {n: m for n, m in lora_layers(model).items() if m.pissa_initial is not None}
+    if not layers:
+        return state, config
+    state = dict(state)
+    for name, layer in layers.items():
+        a0, b0 = layer.pissa_initial
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = converted_for_the_original_base(
+            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"], a0, b0)
+    factor = 2 ** 0.5 if config["rslora"] else 2  # alpha / r (rsLoRA: alpha / sqrt r) stays as it was
+    config = {**config, "r": 2 * config["r"], "alpha": factor * config["alpha"], "init": "default",
+              "converted_from": "pissa (saved against the original base weights: rank 2r)",
+              "rank_pattern": {k: 2 * v for k, v in config["rank_pattern"].items()},
+              "alpha_pattern": {k: factor * v for k, v in config["alpha_pattern"].items()}}
+    return state, config
 
 
 def load_adapter(model: nn.Module, directory: str, adapter_name: str | None = None) -> list[str]:

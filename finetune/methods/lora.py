@@ -19,6 +19,7 @@ from torch import nn
 from finetune.checks import is_finite_number, is_integer
 from finetune.families import family_of
 from finetune.methods.freeze import freeze_all, unfreeze
+from finetune.methods.lora_init import INITS, pissa
 from finetune.methods.quant import is_quantized
 from finetune.methods.surgery import replace_module
 from finetune.patterns import compile_patterns
@@ -77,7 +78,7 @@ class LoRALinear(nn.Module):
     """A frozen linear layer (float, int8 or 4-bit) plus a trainable low-rank update; with `dora=True`, DoRA."""
 
     def __init__(self, base: nn.Module, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
-                 dropout: float = DEFAULT_DROPOUT, rslora: bool = False, dora: bool = False):
+                 dropout: float = DEFAULT_DROPOUT, rslora: bool = False, dora: bool = False, init: str = "default"):
         super().__init__()
         check_lora_settings("LoRALinear", r=r, alpha=alpha, dropout=dropout)
         self.base_layer = base
@@ -93,8 +94,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=float_dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=float_dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init == "gaussian":  # PEFT's init_lora_weights="gaussian"
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.pissa_initial = None  # (A0, B0) of a PiSSA start: the export against the original base needs them
         for p in base.parameters():
             p.requires_grad_(False)
         self.merged = False
@@ -104,6 +109,18 @@ class LoRALinear(nn.Module):
             with torch.no_grad():  # B = 0: the magnitude starts at the base's row norms, so the output is unchanged
                 norm = torch.linalg.norm(float_weight(base).float(), dim=1)
             self.lora_magnitude_vector = Magnitude(norm.to(float_dtype))
+
+    @torch.no_grad()
+    def init_pissa(self) -> None:
+        """PiSSA (finetune.methods.lora_init.pissa): A, B from W's principal singular vectors, the base weight
+        becomes the residual; the output is unchanged."""
+        if is_quantized(self.base_layer) or self.dora:
+            raise TypeError("LoRALinear: PiSSA needs a float base and plain LoRA (not DoRA)")
+        a, b, residual = pissa(self.base_layer.weight, self.r, self.scaling)
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        self.base_layer.weight.copy_(residual)
+        self.pissa_initial = (a.clone(), b.clone())
 
     def set_alpha(self, alpha: float) -> None:
         """alpha and the scale it gives: alpha / r (rsLoRA: alpha / sqrt(r))."""
@@ -247,7 +264,7 @@ def pattern_value(patterns: dict, name: str, default):
 def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
               dropout: float = DEFAULT_DROPOUT, exclude=(),
               rank_pattern: dict | None = None, alpha_pattern: dict | None = None, dora: bool = False,
-              also_train=(), modules_to_save=()) -> tuple[list[str], list[str]]:
+              also_train=(), modules_to_save=(), init: str = "default") -> tuple[list[str], list[str]]:
     """Check LoRA's settings against the model and say what `apply_lora` would wrap, changing nothing: (target
     patterns, names of the linear layers to wrap). A bad setting, or a target pattern that matches no linear
     layer, is an error naming it. Methods that quantise the base first (int8-lora, qlora) call this before they
@@ -283,6 +300,7 @@ def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float =
     if unmatched:
         raise ValueError(f"apply_lora: target pattern(s) {unmatched} match no linear layer "
                          f"(linear layers look like {some_linear_names(model)})")
+    _check_init(init, dora, [layers[n] for n in names])
     saved = modules_to_save_names(model, modules_to_save)
     inside = [(w, m) for w in names for m in saved if w == m or w.startswith(m + ".")]
     if inside:
@@ -291,29 +309,46 @@ def lora_plan(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float =
     return targets, names
 
 
+def _check_init(init, dora: bool, layers) -> None:
+    """`init` is one apply_lora can do here (finetune.methods.lora_init): LoftQ belongs to the quantising methods,
+    PiSSA to float bases under plain LoRA."""
+    if init not in INITS:
+        raise ValueError(f"apply_lora: init must be one of {INITS}, got {init!r}")
+    if init == "loftq":
+        raise ValueError("apply_lora: init 'loftq' chooses the base's 4-bit / int8 codes with the adapter: use it "
+                         "through the quantising methods (qlora, int8-lora: lora_init = 'loftq')")
+    if init == "pissa" and (dora or any(is_quantized(m) or isinstance(m, LoRALinear) for m in layers)):
+        raise ValueError("apply_lora: init 'pissa' replaces the base weight by its residual: it needs float base "
+                         "layers and plain LoRA (not DoRA, not a quantised base: qlora / int8-lora take 'loftq')")
+
+
 def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
                dropout: float = DEFAULT_DROPOUT,
                also_train=(), rslora: bool = False, exclude=(), rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None, dora: bool = False, modules_to_save=()) -> list[str]:
+               alpha_pattern: dict | None = None, dora: bool = False, modules_to_save=(),
+               init: str = "default") -> list[str]:
     """Wrap the linear layers whose module name matches a target regex; freeze everything else.
 
     `also_train` regexes name parameters that train in full beside the adapters (e.g. bert2bert's new
     cross-attention); `modules_to_save` names modules that train in full and are saved with the adapter (PEFT's
-    setting and matching rule: `modules_to_save_names`); `exclude` regexes name modules never to wrap. `rank_pattern` / `alpha_pattern` give
-    some layers another r / alpha (PEFT's keys and matching rule, `pattern_value`). `dora=True` adds DoRA's
-    trainable magnitude per output row (Liu et al., 2024; PEFT's `use_dora`). Bases may be float, int8 or
-    4-bit (finetune.methods.int8, finetune.methods.int4). Every setting is checked first (`lora_plan`: a target that matches no
-    linear layer is an error naming it), so a refusal changes nothing. Returns the wrapped module names. The
+    setting and matching rule: `modules_to_save_names`); `exclude` regexes name modules never to wrap.
+    `rank_pattern` / `alpha_pattern` give some layers another r / alpha (PEFT's keys and matching rule,
+    `pattern_value`). `dora=True` adds DoRA's trainable magnitude per output row (Liu et al., 2024; PEFT's
+    `use_dora`). `init`: how A and B start (finetune.methods.lora_init: default, gaussian, pissa). Bases may be
+    float, int8 or 4-bit (finetune.methods.int8, finetune.methods.int4). Every setting is checked first
+    (`lora_plan`: a target that matches no linear layer is an error naming it), so a refusal changes nothing. Returns the wrapped module names. The
     settings are kept on `model.lora_config` for `save_adapter`.
     """
     targets, wrapped = lora_plan(model, targets, r, alpha, dropout, exclude, rank_pattern, alpha_pattern, dora,
-                                 also_train, modules_to_save)
+                                 also_train, modules_to_save, init)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for name in wrapped:
         module = model.get_submodule(name)
         replace_module(model, name, LoRALinear(module, r=pattern_value(rank_pattern, name, r),
                                                alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
-                                               rslora=rslora, dora=dora))
+                                               rslora=rslora, dora=dora, init=init))
+        if init == "pissa":
+            model.get_submodule(name).init_pissa()
     freeze_all(model)
     for module in model.modules():
         if isinstance(module, LoRALinear):
@@ -326,7 +361,7 @@ def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float 
     wrapped = sorted(wrapped)
     model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "dora": dora, "targets": targets,
                          "also_train": list(also_train), "modules": wrapped, "rank_pattern": rank_pattern,
-                         "alpha_pattern": alpha_pattern, "modules_to_save": list(modules_to_save or ())}
+                         "alpha_pattern": alpha_pattern, "modules_to_save": list(modules_to_save or ()), "init": init}
     for tensor in full_tensors(model).values():
         tensor.requires_grad_(True)
     keep_originals(model)

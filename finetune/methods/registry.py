@@ -14,6 +14,8 @@ adding a method (IA3, say) is one `register(Method(...))` in this module, with i
     lora-plus       LoRA+ (Hayou et al., 2024): LoRA whose B trains at 16x A's rate (setting lora_plus_ratio)
     rslora          rsLoRA (Kalajdzievski, 2023): LoRA scaled by alpha / sqrt(r) (setting lora_rslora)
     qlora           4-bit base weights (bitsandbytes NF4 or FP4, double quantisation) under LoRA adapters
+    qlora-loftq     QLoRA with LoftQ's start: the codes and the adapters chosen together (setting lora_init)
+    pissa           LoRA started from the principal singular vectors; the residual is the frozen base
 
 `new_tensors` (a warm-started bert2bert's cross-attention and LM-head transform: the names its load report
 gave as missing) always train in full: they start from random values, and no method may leave them random.
@@ -25,12 +27,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from finetune.checks import is_finite_number, is_integer
 from finetune.families import family_of
 from finetune.methods import lora as lora_module
 from finetune.methods.freeze import bitfit, freeze, unfreeze
+from finetune.methods.lora_init import INITS
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ LORA_SETTINGS = (
     Setting("lora_rslora", False, bool, doc="rsLoRA: scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)"),
     Setting("lora_plus_ratio", None, float, _positive, "LoRA+: B trains at this multiple of A's learning rate "
             "(Hayou et al., 2024: 16); none: the same rate"),
+    Setting("lora_init", "default", str, _one_of(*INITS), "how A and B start: default (Kaiming A, zero B), gaussian, "
+            "pissa (principal singular vectors; float bases), loftq (quantised bases: codes and adapter chosen "
+            "together); finetune/methods/lora_init.py"),
+    Setting("loftq_iter", 1, int, lambda v: None if v >= 1 else "must be >= 1", "LoftQ's alternating iterations"),
     Setting("modules_to_save", None, "names", doc="modules trained in full beside the adapters and saved with them "
             "(PEFT's modules_to_save: every module whose name ends with an entry, e.g. lm_head)"),
 )
@@ -196,8 +204,11 @@ def _frozen_encoder(model, new_tensors, s):
         unfreeze(model, _new(new_tensors))
 
 
-def _lora(model, new_tensors, s, dora: bool = False):
-    lora_module.apply_lora(model, dora=dora, rslora=s["lora_rslora"], **_lora_args(s), **_lora_placement(new_tensors))
+def _lora(model, new_tensors, s, dora: bool = False, init: str | None = None):
+    if s["lora_init"] != "loftq" and s["loftq_iter"] != 1:
+        raise ValueError(f"apply_method: loftq_iter = {s['loftq_iter']} is LoftQ's; lora_init is {s['lora_init']!r}")
+    lora_module.apply_lora(model, dora=dora, rslora=s["lora_rslora"], init=init or s["lora_init"], **_lora_args(s),
+                           **_lora_placement(new_tensors))
     if s["lora_plus_ratio"]:  # LoRA+: the optimizer's groups read the model's lr_scales (finetune.train.optim)
         model.lr_scales = {**getattr(model, "lr_scales", {}), r"\.lora_B\.weight$": s["lora_plus_ratio"]}
 
@@ -212,16 +223,51 @@ def _quantized_lora(make_linear: Callable, what: str) -> Callable:
     def apply(model, new_tensors, s):
         from finetune.methods.quant import prepare_quantized_training, replace_linears
 
-        lora_module.lora_plan(model, **_lora_args(s), **_lora_placement(new_tensors))
+        init = s["lora_init"]
+        if init == "pissa":
+            raise ValueError(f"apply_method: lora_init 'pissa' replaces the base weight by its residual, which must stay "
+                             f"float; {what}'s counterpart is lora_init = 'loftq'")
+        _, names = lora_module.lora_plan(model, **_lora_args(s), **_lora_placement(new_tensors))
         at_load = getattr(model, QUANTIZED_AT_LOAD, None)
+        if at_load is not None:
+            _check_quantized_at_load(at_load, what, new_tensors, s)
+            if init == "loftq":
+                raise ValueError("apply_method: lora_init 'loftq' chooses the codes from the float weights, and this "
+                                 "base was quantised while it loaded: load it in float (load_seq2seq), then apply")
+        starts = _loftq_layers(model, names, make_linear(s), s) if init == "loftq" else {}
         if at_load is None:
             replace_linears(model, make_linear(s), float_modules(new_tensors, s), quantizer_label(what, s),
                             keep_float=not s["quantize_kept"])
-        else:
-            _check_quantized_at_load(at_load, what, new_tensors, s)
         prepare_quantized_training(model)
-        _lora(model, new_tensors, s)
+        _lora(model, new_tensors, s, init="default" if init == "loftq" else None)
+        _set_starts(model, starts)
     return apply
+
+
+def _loftq_layers(model, names, make_linear: Callable, s: dict) -> dict:
+    """Quantise the LoRA targets with LoftQ (finetune.methods.lora_init.loftq); their (A, B) by name."""
+    from finetune.methods.lora_init import loftq
+    from finetune.methods.surgery import replace_module
+
+    scaling = s["lora_alpha"] / (s["lora_r"] ** 0.5 if s["lora_rslora"] else s["lora_r"])
+    starts = {}
+    for name in names:
+        a, b, quantised = loftq(model.get_submodule(name), s["lora_r"], scaling, make_linear, s["loftq_iter"])
+        replace_module(model, name, quantised)
+        starts[name] = (a, b)
+    print(f"LoftQ: {len(starts)} layers quantised with their adapters' start ({s['loftq_iter']} iteration(s))",
+          flush=True)
+    return starts
+
+
+def _set_starts(model, starts: dict) -> None:
+    with torch.no_grad():
+        for name, (a, b) in starts.items():
+            layer = model.get_submodule(name)
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+    if starts:
+        model.lora_config["init"] = "loftq"
 
 
 def quantizer_label(what: str, s: dict) -> str:
@@ -231,7 +277,7 @@ def quantizer_label(what: str, s: dict) -> str:
 
 def quantization_settings(s: dict) -> dict:
     """The settings of a quantised method that decide its codes (all but LoRA's)."""
-    return {k: v for k, v in s.items() if not k.startswith("lora_") and k != "modules_to_save"}
+    return {k: v for k, v in s.items() if not k.startswith("lora_") and k not in ("modules_to_save", "loftq_iter")}
 
 
 def float_modules(new_tensors, s: dict) -> list[str]:
@@ -286,10 +332,17 @@ register(Method("lora-plus", _lora, with_defaults(LORA_SETTINGS, lora_plus_ratio
                 doc="LoRA+: B at 16x A's learning rate (A at full fine-tuning's rate)"))
 register(Method("rslora", _lora, with_defaults(LORA_SETTINGS, lora_rslora=True), lr=ADAPTER_LR,
                 doc="rsLoRA: LoRA scaled by alpha / sqrt(r)"))
-register(Method("qlora", _quantized_lora(_int4_linear, "quantize_4bit"), LORA_SETTINGS + (
-    Setting("quant_type", "nf4", str, _one_of("nf4", "fp4"), "4-bit code book"),
-    Setting("double_quant", True, bool, doc="quantise the block scales too"), QUANTIZE_KEPT), lr=ADAPTER_LR,
-    doc="4-bit base weights (NF4 / FP4) under LoRA", quantizer=(_int4_linear, "quantize_4bit")))
+QLORA_SETTINGS = LORA_SETTINGS + (Setting("quant_type", "nf4", str, _one_of("nf4", "fp4"), "4-bit code book"),
+                                  Setting("double_quant", True, bool, doc="quantise the block scales too"),
+                                  QUANTIZE_KEPT)
+register(Method("qlora", _quantized_lora(_int4_linear, "quantize_4bit"), QLORA_SETTINGS, lr=ADAPTER_LR,
+                doc="4-bit base weights (NF4 / FP4) under LoRA", quantizer=(_int4_linear, "quantize_4bit")))
+register(Method("qlora-loftq", _quantized_lora(_int4_linear, "quantize_4bit"),
+                with_defaults(QLORA_SETTINGS, lora_init="loftq"), lr=ADAPTER_LR,
+                doc="QLoRA whose 4-bit codes and adapters start together (LoftQ, Li et al., 2023)",
+                quantizer=(_int4_linear, "quantize_4bit")))
+register(Method("pissa", _lora, with_defaults(LORA_SETTINGS, lora_init="pissa"), lr=ADAPTER_LR,
+                doc="LoRA from the principal singular vectors, the residual as the frozen base (Meng et al., 2024)"))
 
 METHODS = tuple(REGISTRY)
 
