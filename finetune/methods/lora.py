@@ -375,6 +375,8 @@ def modules_to_save_names(model: nn.Module, entries, where: str = "apply_lora mo
     entries = [entries] if isinstance(entries, str) else list(entries or ())
     if not all(isinstance(e, str) and e for e in entries):
         raise ValueError(f"{where}: expected a list of module names, got {entries!r}")
+    if not entries:
+        return []
     modules = {n: m for n, m in model.named_modules() if n and any(True for _ in m.parameters())}
     found = {e: [n for n in modules if n.endswith(e)] for e in entries}
     idle = [e for e, names in found.items() if not names]

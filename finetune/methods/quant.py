@@ -98,7 +98,8 @@ class QuantizeReport:
                 f"{self.bytes_after / 2**20:.1f} MiB ({self.bytes_before / max(1, self.bytes_after):.1f}x less)")
 
 
-def linears_to_quantize(model: nn.Module, skip=(), what: str = "quantise", keep_float: bool = True) -> list[str]:
+def linears_to_quantize(model: nn.Module, skip=(), what: str = "quantise", keep_float: bool = True,
+                        required: bool = True) -> list[str]:
     """Names of the plain nn.Linear layers a quantised base quantises: all but the LM head, LoRA's own layers, the
     layers the model's class keeps in float when transformers quantises it (`float_kept`; with `keep_float`) and
     modules whose name (or whose weight's name) matches a `skip` regex. Works on a model whose tensors are still
@@ -111,16 +112,17 @@ def linears_to_quantize(model: nn.Module, skip=(), what: str = "quantise", keep_
             continue
         if not any(rx.search(name) or rx.search(name + ".weight") for rx in skip_res):
             names.append(name)
-    if not names:
+    if not names and required:
         raise ValueError(f"{what}: no nn.Linear layer to quantise (all skipped?)")
     return names
 
 
-def replace_linears(model: nn.Module, make, skip, what: str, keep_float: bool = True) -> QuantizeReport:
+def replace_linears(model: nn.Module, make, skip, what: str, keep_float: bool = True,
+                    required: bool = True) -> QuantizeReport:
     """Replace each layer `linears_to_quantize` names by `make(linear)`. Embeddings stay as they are. Prints the
-    report."""
+    report. `required=False`: none left to quantise is no error (LoftQ quantised them with their adapters)."""
     replaced, before, after = 0, 0, 0
-    for name in linears_to_quantize(model, skip, what, keep_float):
+    for name in linears_to_quantize(model, skip, what, keep_float, required):
         module = model.get_submodule(name)
         before += module.weight.numel() * module.weight.element_size()
         new = make(module)

@@ -237,7 +237,7 @@ def _quantized_lora(make_linear: Callable, what: str) -> Callable:
         starts = _loftq_layers(model, names, make_linear(s), s) if init == "loftq" else {}
         if at_load is None:
             replace_linears(model, make_linear(s), float_modules(new_tensors, s), quantizer_label(what, s),
-                            keep_float=not s["quantize_kept"])
+                            keep_float=not s["quantize_kept"], required=not starts)
         prepare_quantized_training(model)
         _lora(model, new_tensors, s, init="default" if init == "loftq" else None)
         _set_starts(model, starts)

@@ -105,6 +105,12 @@ def test_loftq_iterations_and_the_scale():
     assert errors[1] <= errors[0] * 1.001
 
 
+def test_loftq_on_every_quantised_layer():
+    model, tok = build("bart")  # every linear layer a LoRA target: none is left for the plain quantiser
+    apply_method(model, "qlora-loftq", lora_targets=[r"_proj$|fc1$|fc2$"], lora_r=2)
+    assert lora_layers(model) and torch.isfinite(logits(model, tok)).all()
+
+
 @pytest.mark.parametrize("method, settings, message", [
     ("qlora", {"lora_init": "pissa"}, "counterpart is lora_init = 'loftq'"),
     ("lora", {"lora_init": "loftq"}, "use it through the quantising methods"),
