@@ -55,10 +55,18 @@ class Recipe:
 
     def describe(self) -> str:
         """E.g. "adafactor, lr 1e-3 constant (the family recipe)"; with only some taken, it names them."""
-        text = f"{self.optimizer}, lr {self.lr:g} {self.schedule}"
+        text = f"{self.optimizer}, lr {short_number(self.lr)} {self.schedule}"
         if len(self.taken) == 3:
             return text + " (the family recipe)"
         return text + (f" ({' and '.join(self.taken)} from the family recipe)" if self.taken else "")
+
+
+def short_number(value: float) -> str:
+    """A learning rate as people write it: 1e-3, 2.5e-4, 0.05."""
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def training_recipe(model: nn.Module, optimizer: str | None, lr: float | None, schedule: str | None) -> Recipe:

@@ -182,13 +182,13 @@ def test_t5_defaults_to_adafactor_and_says_so_and_adamw_overrides_it(tmp_path, c
     engine = Engine(*tiny_t5(), cfg(tmp_path, progress=True, lr=None, schedule=None))
     engine.prepare(DATA)
     out = capsys.readouterr().out
-    assert isinstance(engine.optimizer, Adafactor) and "optimizer adafactor, lr 0.001 constant (the family recipe)" \
+    assert isinstance(engine.optimizer, Adafactor) and "optimizer adafactor, lr 1e-3 constant (the family recipe)" \
         in out
     assert engine.optimizer.param_groups[0]["lr"] == 1e-3 and engine.scheduler.lr_lambdas[0](3) == 1.0
     engine = Engine(*tiny_t5(), cfg(tmp_path, optimizer="adamw", lr=None, schedule=None, progress=True))
     engine.prepare(DATA)  # the lr and schedule follow the optimizer in use: AdamW's
     assert isinstance(engine.optimizer, torch.optim.AdamW) and engine.optimizer.param_groups[0]["lr"] == 5e-5
-    assert "optimizer adamw, lr 5e-05 linear (lr and schedule from the family recipe)" in capsys.readouterr().out
+    assert "optimizer adamw, lr 5e-5 linear (lr and schedule from the family recipe)" in capsys.readouterr().out
     bart = Engine(*tiny_bart(), cfg(tmp_path, lr=None, schedule=None))
     bart.prepare(DATA)
     assert isinstance(bart.optimizer, torch.optim.AdamW) and bart.optimizer.param_groups[0]["lr"] == 5e-5
@@ -199,7 +199,7 @@ def test_a_set_lr_or_schedule_wins_over_the_family_recipe(tmp_path, capsys):
     engine = Engine(*tiny_t5(), cfg(tmp_path, lr=3e-4, schedule=None, progress=True))
     engine.prepare(DATA)
     assert engine.optimizer.param_groups[0]["lr"] == 3e-4 and engine.scheduler.lr_lambdas[0](3) == 1.0
-    assert "optimizer adafactor, lr 0.0003 constant (optimizer and schedule from the family recipe)" in \
+    assert "optimizer adafactor, lr 3e-4 constant (optimizer and schedule from the family recipe)" in \
         capsys.readouterr().out
     engine = Engine(*tiny_t5(), cfg(tmp_path, lr=None, schedule="linear", warmup_steps=2))
     engine.prepare(DATA)
