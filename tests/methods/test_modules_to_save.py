@@ -3,7 +3,7 @@ keys and matching rule), including a warm-started bert2bert's new tensors (the m
 import pytest
 import torch
 from conftest import build
-from test_lora import inputs, logits, randomise_b
+from test_lora import logits, randomise_b
 
 from finetune.methods import apply_method
 from finetune.methods.adapters import load_adapter, save_adapter
@@ -113,4 +113,3 @@ def test_an_adapter_tensor_outside_its_modules_to_save_is_refused(tmp_path):
     with pytest.raises(ValueError, match="neither LoRA's nor in one of the adapter's modules_to_save"):
         load_adapter(fresh, str(tmp_path))
     assert not lora_layers(fresh)
-    _ = inputs
