@@ -113,3 +113,18 @@ def test_an_adapter_tensor_outside_its_modules_to_save_is_refused(tmp_path):
     with pytest.raises(ValueError, match="neither LoRA's nor in one of the adapter's modules_to_save"):
         load_adapter(fresh, str(tmp_path))
     assert not lora_layers(fresh)
+
+
+def test_modules_to_save_from_a_run_file_and_set(tmp_path):
+    import json
+
+    from test_cli import write_run
+
+    from finetune.cli import main
+
+    config, _, out = write_run(tmp_path, method="lora")
+    assert main(["train", str(config), "--set", "train.epochs=2", "--set",
+                 'method.modules_to_save=["self_attn_layer_norm"]']) == 0
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] and all(m.endswith("self_attn_layer_norm") for m in saved["modules_to_save"])
+    assert main(["train", str(config), "--set", "method.modules_to_save=[3]", "--set", "train.epochs=1"]) == 2
