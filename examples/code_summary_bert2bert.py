@@ -69,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="learning rate of the pretrained tensors (default: the "
                                                           "method's declared lr)")
     ap.add_argument("--new-lr", type=float, default=1e-3, help="learning rate of the newly initialised tensors")
+    ap.add_argument("--cross-init", choices=("random", "self"), default="random",
+                    help="the new cross-attention's start: random, or a copy of each layer's self-attention")
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout of every layer (the checkpoint's is 0.1)")
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
@@ -120,7 +122,7 @@ def main(argv=None):
           f"{len(data['validation'])} validation, {len(data['test'])} test pairs "
           f"(built in {time.perf_counter() - started:.1f} s; other Python versions give slightly other pairs)")
 
-    built = bert2bert_by_name(args.model)
+    built = bert2bert_by_name(args.model, cross_init=args.cross_init)
     model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
     # BERT's word pieces decode as "user ' s"; its tokenizers cleaned that up before transformers 5 made it opt-in
     # (MiniLM's tokenizer config does not say), and BLEU counts "user's" as one token

@@ -29,15 +29,22 @@ class Bert2Bert:
     new_parameters: list[str] = field(default_factory=list)  # names initialised fresh, not loaded
 
 
-def bert2bert(encoder_path: str, decoder_path: str | None = None) -> Bert2Bert:
+CROSS_INITS = ("random", "self")
+
+
+def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: str = "random") -> Bert2Bert:
     """Warm-start an EncoderDecoderModel from BERT checkpoints (Rothe et al., 2020).
 
     The decoder is the same BERT with causal self-attention and new cross-attention layers. Tensors the
     checkpoint does not hold (cross-attention; the LM-head transform for checkpoints saved without an
     MLM head, such as sentence-transformers models) are listed in `new_parameters` under their names
     in the assembled model, so the optimizer can give them their own learning rate. Decoder start is
-    [CLS], eos is [SEP], pad is [PAD].
+    [CLS], eos is [SEP], pad is [PAD]. `cross_init="self"` starts each cross-attention as a copy of its layer's
+    pretrained self-attention (query, key, value, output dense and LayerNorm) instead of at random; those tensors
+    are still listed as new (their role is).
     """
+    if cross_init not in CROSS_INITS:
+        raise ValueError(f"bert2bert: cross_init must be one of {CROSS_INITS}, got {cross_init!r}")
     from transformers import AutoTokenizer, BertLMHeadModel, BertModel, EncoderDecoderModel
     from transformers.utils import logging as hf_logging
 
@@ -61,16 +68,32 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None) -> Bert2Bert:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.vocab_size = model.config.decoder.vocab_size
     resolve_special_tokens(model, tokenizer)
+    if cross_init == "self":
+        _cross_attention_from_self(model)
     return Bert2Bert(model=model, tokenizer=tokenizer, new_parameters=new)
 
 
-def bert2bert_by_name(name: str) -> Bert2Bert:
+def _cross_attention_from_self(model: nn.Module) -> None:
+    import torch
+
+    with torch.no_grad():
+        for layer in model.decoder.bert.encoder.layer:
+            own, cross = dict(layer.attention.named_parameters()), dict(layer.crossattention.named_parameters())
+            if own.keys() != cross.keys():
+                raise ValueError("bert2bert: cross_init='self' needs cross-attention shaped as self-attention")
+            for name, tensor in cross.items():
+                tensor.copy_(own[name])
+
+
+def bert2bert_by_name(name: str, cross_init: str = "random") -> Bert2Bert:
     """'minilm' (the bundled checkpoint), 'tiny' (random, character tokenizer, for smoke runs) or a BERT folder."""
     if name == "tiny":
         print("bert2bert 'tiny': a small RANDOMLY INITIALISED model with a character tokenizer (smoke run only)")
         model, tokenizer = tiny_bert2bert(hidden=64)
+        if cross_init == "self":
+            _cross_attention_from_self(model)
         return Bert2Bert(model=model, tokenizer=tokenizer)
-    built = bert2bert(minilm_path() if name == "minilm" else name)
+    built = bert2bert(minilm_path() if name == "minilm" else name, cross_init=cross_init)
     print(f"warm-started bert2bert from {name}: {len(built.new_parameters)} tensors newly initialised")
     return built
 

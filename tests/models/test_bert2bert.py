@@ -1,0 +1,22 @@
+"""bert2bert's cross-attention start: random (Rothe et al.) or a copy of each layer's self-attention."""
+import pytest
+import torch
+
+from finetune.models import bert2bert_by_name
+
+
+def test_cross_attention_can_start_as_a_copy_of_self_attention():
+    model = bert2bert_by_name("tiny", cross_init="self").model
+    for layer in model.decoder.bert.encoder.layer:
+        own = dict(layer.attention.named_parameters())
+        for name, tensor in layer.crossattention.named_parameters():
+            assert torch.equal(tensor, own[name]) and tensor.data_ptr() != own[name].data_ptr(), name
+    randomly = bert2bert_by_name("tiny").model.decoder.bert.encoder.layer[0]
+    assert not torch.equal(randomly.crossattention.self.query.weight, randomly.attention.self.query.weight)
+
+
+def test_a_bad_cross_init_is_refused(tmp_path):
+    from finetune.models.bert2bert import bert2bert
+
+    with pytest.raises(ValueError, match="cross_init must be one of"):
+        bert2bert(str(tmp_path), cross_init="copy")
