@@ -274,12 +274,14 @@ class Engine:
                                   "resume with engine.fit(..., resume='latest')", flush=True)
                         raise SystemExit(128 + signum)
                     if run.eval_set is not None and cfg.eval_every and self.global_step % cfg.eval_every == 0:
-                        stop = evaluate_during_fit(self, run, history, position, on_evaluate)
+                        with log.paused():  # samples/s counts training only
+                            stop = evaluate_during_fit(self, run, history, position, on_evaluate)
                     saver.periodic(*position)  # after the evaluation: the checkpoint holds its bookkeeping
                     if stop:
                         break
                 if run.eval_set is not None and not cfg.eval_every and not stop:
-                    stop = evaluate_during_fit(self, run, history, position, on_evaluate)
+                    with log.paused():
+                        stop = evaluate_during_fit(self, run, history, position, on_evaluate)
                 if stop:
                     break
         log.close()

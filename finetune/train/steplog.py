@@ -1,8 +1,9 @@
 """`StepLog`: every `log_every` steps one record (loss and token accuracy over the steps since the last record,
 learning rate, gradient norm, samples/s) to the run's recorder (finetune.train.recorder), the returned history and
-the progress bar."""
+the progress bar. Evaluations during training are left out of the samples/s (`paused`)."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 from finetune.train.optim import optimizer_state_bytes
@@ -48,6 +49,15 @@ class StepLog:
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              samples_s=f"{record['samples_per_s']:.1f}")
         self.stats, self.started = [], time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in the block (an evaluation) is left out of the current window's samples/s."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - started
 
     def close(self) -> None:
         self.bar.close()

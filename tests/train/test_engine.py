@@ -276,3 +276,13 @@ def test_reloaded_bert2bert_trains_without_a_stray_pooler(tmp_path):
     reloaded, tok2 = load_seq2seq(str(tmp_path / "saved"))  # transformers re-adds a random BERT pooler
     assert reloaded.encoder.pooler is None
     Engine(reloaded, tok2, config(tmp_path / "again")).overfit_batch(SPELLING, steps=2)  # the gradient guard passes
+
+
+def test_samples_per_s_leaves_the_evaluations_out(tmp_path):
+    """An evaluation (here made slow by its callback) between two records does not lower the training rate."""
+    import time
+
+    engine = Engine(*tiny_bart(), config(tmp_path, max_steps=4, batch_size=2, log_every=2, eval_every=2))
+    history = engine.fit(SPELLING, eval=SPELLING[:2], on_evaluate=lambda engine, metrics: time.sleep(1.0))
+    after_evaluation = [r for r in history["train"] if r["step"] == 4][0]
+    assert after_evaluation["samples"] / after_evaluation["samples_per_s"] < 0.9  # seconds of 2 tiny steps
