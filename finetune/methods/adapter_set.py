@@ -133,26 +133,23 @@ def add_named(model: nn.Module, name: str, record: dict) -> None:
     model.lora_stash = {**getattr(model, "lora_stash", {}), name: record}
 
 
+@contextlib.contextmanager
 def stash_for_loading(model: nn.Module, name: str):
     """A context for loading adapter `name` beside the others: the active one is put away (the model is its base
     within), and after the block the new adapter joins the stash and the active one comes back; when the block
     raises, the model is as it was."""
-    _check_new_name(model, name, "load_adapter")
+    check_new_name(model, name, "load_adapter")
     active = active_adapter(model)
-
-    @contextlib.contextmanager
-    def context():
-        record = _stash_active(model)
-        try:
-            yield
-            add_named(model, name, _stash_active(model))
-        finally:
-            _put_back(model, record)
-            model.lora_adapter_name = active
-    return context()
+    record = _stash_active(model)
+    try:
+        yield
+        add_named(model, name, _stash_active(model))
+    finally:
+        _put_back(model, record)
+        model.lora_adapter_name = active
 
 
-def _check_new_name(model: nn.Module, name: str, where: str) -> None:
+def check_new_name(model: nn.Module, name: str, where: str) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}: adapter_name must be a non-empty string, got {name!r}")
     if name in adapter_names(model):
@@ -200,7 +197,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
 
 def _check_weighted(model, adapters, weights, adapter_name, combination_type) -> list[dict]:
     where = "add_weighted_adapter"
-    _check_new_name(model, adapter_name, where)
+    check_new_name(model, adapter_name, where)
     if combination_type not in COMBINATIONS:
         raise ValueError(f"{where}: combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     if not adapters or len(adapters) != len(weights):

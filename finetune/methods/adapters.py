@@ -17,7 +17,7 @@ import re
 import torch
 from torch import nn
 
-from finetune.methods.adapter_set import active_adapter, stash_for_loading
+from finetune.methods.adapter_set import active_adapter, check_new_name, stash_for_loading
 from finetune.methods.lora import (apply_lora, check_lora_settings, full_tensors, keep_originals, linear_layers,
                                    lora_layers, modules_to_save_names, pattern_value, some_linear_names, tied_elsewhere)
 from finetune.methods.lora_init import converted_for_the_original_base
@@ -46,8 +46,8 @@ def peft_modules_to_save(model: nn.Module, names) -> list[str]:
     tensors are among them, and for a tensor left over (a bias whose weight is frozen), the module holding it (the
     adapter then carries only that tensor: PEFT's copy keeps the base's others). Each name is checked against
     PEFT's matching rule (str.endswith over every module name), so PEFT wraps exactly these modules."""
-    everything = list(model.named_parameters(remove_duplicate=False))
-    wanted = {id(p) for n, p in everything if n in set(names)}
+    everything, names = list(model.named_parameters(remove_duplicate=False)), set(names)
+    wanted = {id(p) for n, p in everything if n in names}
     chosen = []
     for module_name, module in model.named_modules():
         if not module_name or any(module_name.startswith(c + ".") for c in chosen):
@@ -147,8 +147,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str | None = No
     if adapter_name is not None and active_adapter(model) is not None:
         with stash_for_loading(model, adapter_name):
             return _load_into(model, directory)
-    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
-        raise ValueError(f"load_adapter: adapter_name must be a non-empty string, got {adapter_name!r}")
+    if adapter_name is not None:
+        check_new_name(model, adapter_name, "load_adapter")
     loaded = _load_into(model, directory)
     if adapter_name is not None:
         model.lora_adapter_name = adapter_name
@@ -329,16 +329,21 @@ def _without_base_copies(model: nn.Module, settings: dict, state: dict) -> dict:
     and which stay frozen here."""
     saved = modules_to_save_names(model, settings.get("modules_to_save", ()), "modules_to_save")
     everything = list(model.named_parameters(remove_duplicate=False))
-    own = {**dict(model.named_buffers()), **dict(everything)}
+    params = dict(everything)
+    own = {**dict(model.named_buffers()), **params}
     kept = {}
     for key, tensor in state.items():
-        module = next((m for m in saved if key.startswith(m + ".")), None)
-        mine = own.get(key)
+        module, mine = _module_of(key, saved), own.get(key)
         tied = mine is not None and module is not None and bool(tied_elsewhere(everything, mine, module))
-        if module is None or mine is None or not (tied or key not in dict(everything)) \
+        if module is None or mine is None or not (tied or key not in params) \
                 or mine.shape != tensor.shape or not torch.equal(mine.detach().to(tensor.dtype), tensor):
             kept[key] = tensor
     return kept
+
+
+def _module_of(key: str, modules) -> str | None:
+    """The one of `modules` that tensor `key` lies in, or None."""
+    return next((m for m in modules if key.startswith(m + ".")), None)
 
 
 def _check_full_tensors(model, weights, settings, state, existing) -> None:
@@ -350,7 +355,7 @@ def _check_full_tensors(model, weights, settings, state, existing) -> None:
     everything = list(model.named_parameters(remove_duplicate=False))
     params, ours = dict(everything), {id(p) for p in full_tensors(model).values()} if existing else None
     for key in (k for k in state if not is_lora_key(k)):
-        module = next((m for m in saved if key.startswith(m + ".")), None)
+        module = _module_of(key, saved)
         if module is None and not any(rx.search(key) for rx in regexes):
             raise ValueError(f"{weights}: tensor {key!r} is neither LoRA's nor in one of the adapter's modules_to_save "
                              f"({settings['modules_to_save']})")

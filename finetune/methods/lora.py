@@ -18,7 +18,7 @@ from torch import nn
 
 from finetune.checks import is_finite_number, is_integer
 from finetune.families import family_of
-from finetune.methods.freeze import freeze_all, unfreeze
+from finetune.methods.freeze import freeze_all
 from finetune.methods.lora_init import INITS, pissa
 from finetune.methods.quant import is_quantized
 from finetune.methods.surgery import replace_module
@@ -45,6 +45,11 @@ def check_lora_settings(where: str, **values) -> None:
         problem = lora_problem(name, value)
         if problem:
             raise ValueError(f"{where}: {name} {problem}, got {value!r}")
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """The scale of the update B A: alpha / r (rsLoRA: alpha / sqrt(r))."""
+    return alpha / (math.sqrt(r) if rslora else r)
 
 
 class Magnitude(nn.Module):
@@ -123,9 +128,9 @@ class LoRALinear(nn.Module):
         self.pissa_initial = (a.clone(), b.clone())
 
     def set_alpha(self, alpha: float) -> None:
-        """alpha and the scale it gives: alpha / r (rsLoRA: alpha / sqrt(r))."""
+        """alpha and the scale it gives (`lora_scaling`)."""
         self.alpha = alpha
-        self.scaling = alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        self.scaling = lora_scaling(alpha, self.r, self.rslora)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -356,13 +361,11 @@ def apply_lora(model: nn.Module, targets=None, r: int = DEFAULT_R, alpha: float 
             module.lora_B.weight.requires_grad_(True)
             if module.dora:
                 module.lora_magnitude_vector.weight.requires_grad_(True)
-    if also_train:
-        unfreeze(model, also_train)
     wrapped = sorted(wrapped)
     model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora, "dora": dora, "targets": targets,
                          "also_train": list(also_train), "modules": wrapped, "rank_pattern": rank_pattern,
                          "alpha_pattern": alpha_pattern, "modules_to_save": list(modules_to_save or ()), "init": init}
-    for tensor in full_tensors(model).values():
+    for tensor in full_tensors(model).values():  # also_train and modules_to_save
         tensor.requires_grad_(True)
     keep_originals(model)
     return wrapped

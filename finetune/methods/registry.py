@@ -249,7 +249,7 @@ def _loftq_layers(model, names, make_linear: Callable, s: dict) -> dict:
     from finetune.methods.lora_init import loftq
     from finetune.methods.surgery import replace_module
 
-    scaling = s["lora_alpha"] / (s["lora_r"] ** 0.5 if s["lora_rslora"] else s["lora_r"])
+    scaling = lora_module.lora_scaling(s["lora_alpha"], s["lora_r"], s["lora_rslora"])
     starts = {}
     for name in names:
         a, b, quantised = loftq(model.get_submodule(name), s["lora_r"], scaling, make_linear, s["loftq_iter"])
