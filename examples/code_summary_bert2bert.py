@@ -122,7 +122,7 @@ def main(argv=None):
           f"{len(data['validation'])} validation, {len(data['test'])} test pairs "
           f"(built in {time.perf_counter() - started:.1f} s; other Python versions give slightly other pairs)")
 
-    built = bert2bert_by_name(args.model, cross_init=args.cross_init)
+    built = bert2bert_by_name(args.model, cross_init=args.cross_init, seed=args.seed)
     model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
     # BERT's word pieces decode as "user ' s"; its tokenizers cleaned that up before transformers 5 made it opt-in
     # (MiniLM's tokenizer config does not say), and BLEU counts "user's" as one token

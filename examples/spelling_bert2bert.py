@@ -118,7 +118,7 @@ def main(argv=None):
     if args.compare:
         return compare(args, argv if argv is not None else sys.argv[1:], __file__, markdown_table, chart)
 
-    built = bert2bert_by_name(args.model)
+    built = bert2bert_by_name(args.model, seed=args.seed)
     model, tokenizer, new_names = built.model, built.tokenizer, built.new_parameters
     if args.dropout is not None:  # before the method, so LoRA's own dropout keeps its setting
         set_dropout(model, args.dropout)

@@ -1,4 +1,8 @@
 """finetune: a plain-PyTorch engine for fine-tuning encoder-decoder transformers."""
+from finetune.cpu_caches import bound_shape_caches
+
+bound_shape_caches()  # before any model runs: oneDNN reads these once (finetune/cpu_caches.py)
+
 from finetune.data import (DataError, NoiseConfig, add_noise, code_summary_pairs, codespell_pairs, read_pairs,
                            shift_tokens_right)
 from finetune.methods import (METHODS, add_weighted_adapter, apply_lora, apply_method, bitfit, delete_adapter,

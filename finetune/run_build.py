@@ -16,9 +16,9 @@ def tiny_models() -> dict[str, str]:
     return {f.tiny.replace("_", "-"): f.tiny for f in FAMILIES.values() if f.tiny}
 
 
-def build_model(section: ModelSection, method=None):
+def build_model(section: ModelSection, method=None, seed: int | None = None):
     """(model, tokenizer, newly initialised parameter names) for a [model] section. A [method] that quantises its
-    base (int8-lora, qlora) on a local model folder quantises it while it loads (finetune.models.streamed)."""
+    base (int8-lora, qlora) on a local model folder quantises it while it loads (finetune.models.streamed). `seed`: the new tensors of a warm start start from it."""
     import os
 
     from finetune import models
@@ -30,7 +30,7 @@ def build_model(section: ModelSection, method=None):
         model, tokenizer = getattr(models, tiny[section.name])()
         return model, tokenizer, []
     if section.name == "minilm" or section.bert2bert:
-        built = models.bert2bert_by_name(section.name)
+        built = models.bert2bert_by_name(section.name, seed=seed)
         return built.model, built.tokenizer, built.new_parameters
     declared = method_named(method.name) if method is not None else None
     loftq = declared is not None and declared.resolve(method.settings).get("lora_init") == "loftq"
@@ -83,7 +83,7 @@ def build_run(run: RunConfig) -> BuiltRun:
     from finetune.methods.freeze import freeze, unfreeze
     from finetune.methods.registry import apply_method, new_tensor_lr
 
-    model, tokenizer, new = build_model(run.model, run.method)
+    model, tokenizer, new = build_model(run.model, run.method, seed=run.train.seed)
     if run.model.dropout is not None:
         from finetune.models.adjust import set_dropout
 

@@ -16,7 +16,7 @@ PACKAGE = os.path.join(ROOT, "finetune")
 
 # Which parts of the package each part may import (the layers, top to bottom). The shared leaves import nothing of
 # the package; the top floor (the `finetune` command, run files, the package's face) may import anything.
-LEAVES = {"checks", "distributed", "families", "patterns"}
+LEAVES = {"checks", "cpu_caches", "distributed", "families", "patterns"}
 MAY_IMPORT = {
     "store": set(),
     "data": set(),

@@ -1,6 +1,7 @@
 """bert2bert: an EncoderDecoderModel warm-started from BERT checkpoints (the bundled MiniLM, or any BERT folder)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -32,7 +33,8 @@ class Bert2Bert:
 CROSS_INITS = ("random", "self")
 
 
-def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: str = "random") -> Bert2Bert:
+def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: str = "random",
+              seed: int | None = None) -> Bert2Bert:
     """Warm-start an EncoderDecoderModel from BERT checkpoints (Rothe et al., 2020).
 
     The decoder is the same BERT with causal self-attention and new cross-attention layers. Tensors the
@@ -41,7 +43,8 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: st
     in the assembled model, so the optimizer can give them their own learning rate. Decoder start is
     [CLS], eos is [SEP], pad is [PAD]. `cross_init="self"` starts each cross-attention as a copy of its layer's
     pretrained self-attention (query, key, value, output dense and LayerNorm) instead of at random; those tensors
-    are still listed as new (their role is).
+    are still listed as new (their role is). `seed` makes the random start of the new tensors repeatable (the same
+    seed, the same model; the global random state is left as it was); None draws from the global state.
     """
     if cross_init not in CROSS_INITS:
         raise ValueError(f"bert2bert: cross_init must be one of {CROSS_INITS}, got {cross_init!r}")
@@ -53,13 +56,15 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: st
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report is replaced by `new_parameters`
     try:
-        encoder, enc_info = BertModel.from_pretrained(encoder_path, add_pooling_layer=False, output_loading_info=True)
-        decoder, dec_info = BertLMHeadModel.from_pretrained(
-            decoder_path, is_decoder=True, add_cross_attention=True, output_loading_info=True
-        )
+        with _seeded(seed):
+            encoder, enc_info = BertModel.from_pretrained(encoder_path, add_pooling_layer=False,
+                                                          output_loading_info=True)
+            decoder, dec_info = BertLMHeadModel.from_pretrained(
+                decoder_path, is_decoder=True, add_cross_attention=True, output_loading_info=True
+            )
+            model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
     new = [f"encoder.{k}" for k in enc_info["missing_keys"]] + [f"decoder.{k}" for k in dec_info["missing_keys"]]
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     new = sorted(n for n in new if n in names)
@@ -71,6 +76,19 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: st
     if cross_init == "self":
         _cross_attention_from_self(model)
     return Bert2Bert(model=model, tokenizer=tokenizer, new_parameters=new)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """The block's random draws from `seed`, the global random state restored after it; nothing when None."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _cross_attention_from_self(model: nn.Module) -> None:
@@ -85,15 +103,16 @@ def _cross_attention_from_self(model: nn.Module) -> None:
                 tensor.copy_(own[name])
 
 
-def bert2bert_by_name(name: str, cross_init: str = "random") -> Bert2Bert:
-    """'minilm' (the bundled checkpoint), 'tiny' (random, character tokenizer, for smoke runs) or a BERT folder."""
+def bert2bert_by_name(name: str, cross_init: str = "random", seed: int | None = None) -> Bert2Bert:
+    """'minilm' (the bundled checkpoint), 'tiny' (random, character tokenizer, for smoke runs) or a BERT folder;
+    `seed` as in `bert2bert` (the tiny model's own seed is 0 when None)."""
     if name == "tiny":
         print("bert2bert 'tiny': a small RANDOMLY INITIALISED model with a character tokenizer (smoke run only)")
-        model, tokenizer = tiny_bert2bert(hidden=64)
+        model, tokenizer = tiny_bert2bert(hidden=64, seed=0 if seed is None else seed)
         if cross_init == "self":
             _cross_attention_from_self(model)
         return Bert2Bert(model=model, tokenizer=tokenizer)
-    built = bert2bert(minilm_path() if name == "minilm" else name, cross_init=cross_init)
+    built = bert2bert(minilm_path() if name == "minilm" else name, cross_init=cross_init, seed=seed)
     print(f"warm-started bert2bert from {name}: {len(built.new_parameters)} tensors newly initialised")
     return built
 
