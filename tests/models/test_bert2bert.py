@@ -20,3 +20,19 @@ def test_a_bad_cross_init_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="cross_init must be one of"):
         bert2bert(str(tmp_path), cross_init="copy")
+
+
+def test_the_warm_start_new_tensors_follow_the_seed_and_leave_the_global_random_state():
+    from finetune.models import bert2bert, minilm_path
+
+    state = torch.random.get_rng_state()
+    first, again, other = (bert2bert(minilm_path(), seed=s) for s in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first.new_parameters == again.new_parameters and first.new_parameters
+    params = [dict(b.model.named_parameters(remove_duplicate=False)) for b in (first, again, other)]
+    for name in first.new_parameters:
+        assert torch.equal(params[0][name], params[1][name]), name
+    query = "decoder.bert.encoder.layer.0.crossattention.self.query.weight"
+    assert query in first.new_parameters and not torch.equal(params[0][query], params[2][query])
+    pretrained = "encoder.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(params[0][pretrained], params[2][pretrained])  # the checkpoint's own tensors: whatever the seed
