@@ -16,10 +16,11 @@ MiniLM tokenizer is uncased, so targets are lowercased (for the model and the ba
 
 The recipe: the main job's (new tensors at --new-lr 1e-3, pretrained ones at the method's lr (full: 2e-4), no
 dropout, label smoothing 0.1, 5% warm-up, linear decay), 400 steps of token-budget batches of 2,048 padded tokens
-(~19 pairs), sources cut at 128 tokens, beam search (4) with no repeated trigram at the end. Measured for the
-cut (Intel Xeon, 2 cores, fp32): at 256 (and 4,096- or 2,048-token batches) the new cross-attention had not
-learnt to read the source in 10 minutes (one summary for every function: ROUGE-L 0.167, the baseline's 0.161);
-at 128 it has (0.294), at 64 too (0.289 on 100 test pairs). See benchmarks/RESULTS.md.
+(~19 pairs), sources cut at 128 tokens, beam search (4) with no repeated trigram at the end, and each new
+cross-attention started as a copy of its layer's pretrained self-attention (`--cross-init self`). With the random
+start (`--cross-init random`, Rothe et al.'s) some seeds collapsed to one summary for every function, and every
+run at 256 tokens did; with the copied start none of 5 bf16 runs at 128 and 3 at 256 did (benchmarks/RESULTS.md,
+`python benchmarks/recipe_seeds.py`). `--seed` seeds the new tensors too: a seed is a repeatable run.
 """
 import argparse
 import json
@@ -69,8 +70,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="learning rate of the pretrained tensors (default: the "
                                                           "method's declared lr)")
     ap.add_argument("--new-lr", type=float, default=1e-3, help="learning rate of the newly initialised tensors")
-    ap.add_argument("--cross-init", choices=("random", "self"), default="random",
-                    help="the new cross-attention's start: random, or a copy of each layer's self-attention")
+    ap.add_argument("--cross-init", choices=("random", "self"), default="self",
+                    help="the new cross-attention's start: a copy of each layer's self-attention (default), or "
+                         "random (Rothe et al.; collapsed on some seeds, benchmarks/RESULTS.md)")
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout of every layer (the checkpoint's is 0.1)")
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
