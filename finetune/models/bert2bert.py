@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from finetune.checks import is_integer
 from finetune.models.builders import tiny_bert2bert
 from finetune.models.load import ModelNotAvailable
 from finetune.models.tokens import resolve_special_tokens
@@ -48,6 +49,7 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: st
     """
     if cross_init not in CROSS_INITS:
         raise ValueError(f"bert2bert: cross_init must be one of {CROSS_INITS}, got {cross_init!r}")
+    _check_seed(seed)
     from transformers import AutoTokenizer, BertLMHeadModel, BertModel, EncoderDecoderModel
     from transformers.utils import logging as hf_logging
 
@@ -78,6 +80,12 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: st
     return Bert2Bert(model=model, tokenizer=tokenizer, new_parameters=new)
 
 
+def _check_seed(seed) -> None:
+    if seed is not None and not (is_integer(seed) and 0 <= seed < 2**63):
+        raise ValueError(f"bert2bert: seed must be None or an int in [0, 2**63) (TrainConfig.seed's range), "
+                         f"got {seed!r}")
+
+
 @contextlib.contextmanager
 def _seeded(seed: int | None):
     """The block's random draws from `seed`, the global random state restored after it; nothing when None."""
@@ -106,6 +114,7 @@ def _cross_attention_from_self(model: nn.Module) -> None:
 def bert2bert_by_name(name: str, cross_init: str = "random", seed: int | None = None) -> Bert2Bert:
     """'minilm' (the bundled checkpoint), 'tiny' (random, character tokenizer, for smoke runs) or a BERT folder;
     `seed` as in `bert2bert` (the tiny model's own seed is 0 when None)."""
+    _check_seed(seed)
     if name == "tiny":
         print("bert2bert 'tiny': a small RANDOMLY INITIALISED model with a character tokenizer (smoke run only)")
         model, tokenizer = tiny_bert2bert(hidden=64, seed=0 if seed is None else seed)

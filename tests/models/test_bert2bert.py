@@ -20,6 +20,11 @@ def test_a_bad_cross_init_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="cross_init must be one of"):
         bert2bert(str(tmp_path), cross_init="copy")
+    for seed in ("0", 1.5, True, -1):
+        with pytest.raises(ValueError, match="seed must be None or an int"):
+            bert2bert(str(tmp_path), seed=seed)
+        with pytest.raises(ValueError, match="seed must be None or an int"):
+            bert2bert_by_name("tiny", seed=seed)
 
 
 def test_the_warm_start_new_tensors_follow_the_seed_and_leave_the_global_random_state():
