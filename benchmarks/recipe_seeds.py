@@ -88,17 +88,21 @@ def table(results: list[dict], machine: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--script", default="examples/code_summary_bert2bert.py")
-    ap.add_argument("--runs", nargs="+", default=["auto=5", "fp32=3"], help="PRECISION=COUNT (seeds 0..COUNT-1)")
+    ap.add_argument("--runs", nargs="+", default=["auto=5", "fp32=3"],
+                    help="PRECISION=COUNT (seeds FIRST..FIRST+COUNT-1)")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first seed of each precision's runs (FIRST)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_seeds"))
     ap.add_argument("--timeout", type=int, default=3600, help="seconds one run may take")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.first_seed < 0:
+        ap.error(f"--first-seed must be >= 0, got {args.first_seed}")
     os.makedirs(args.out, exist_ok=True)
     machine = cpu_description()
     results = []
     for precision, count in parse_runs(args.runs):
-        for seed in range(count):
+        for seed in range(args.first_seed, args.first_seed + count):
             results.append(run_one(args, precision, seed, extra))
             with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
                 json.dump({"machine": machine, "script": args.script, "extra": extra, "runs": results}, f, indent=1)

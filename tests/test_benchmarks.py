@@ -117,3 +117,8 @@ def test_recipe_seeds_tabulates_each_run_and_the_distribution(tmp_path, monkeypa
     assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 3
     with pytest.raises(SystemExit, match="expected PRECISION=COUNT"):
         recipe.main(["--runs", "fp8=2", "--out", str(tmp_path)])
+    calls.clear()
+    assert recipe.main(["--runs", "fp32=2", "--first-seed", "1", "--out", str(tmp_path / "more")]) == 0
+    assert calls == [("fp32", 1, []), ("fp32", 2, [])]
+    with pytest.raises(SystemExit):
+        recipe.main(["--runs", "fp32=1", "--first-seed", "-1", "--out", str(tmp_path)])
