@@ -18,7 +18,8 @@ def tiny_models() -> dict[str, str]:
 
 def build_model(section: ModelSection, method=None, seed: int | None = None):
     """(model, tokenizer, newly initialised parameter names) for a [model] section. A [method] that quantises its
-    base (int8-lora, qlora) on a local model folder quantises it while it loads (finetune.models.streamed). `seed`: the new tensors of a warm start start from it."""
+    base (int8-lora, qlora) on a local model folder quantises it while it loads (finetune.models.streamed). `seed`:
+    where the new tensors of a warm start draw their random start."""
     import os
 
     from finetune import models
