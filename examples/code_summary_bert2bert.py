@@ -20,7 +20,8 @@ steps of token-budget batches of 2,048 padded tokens (~19 pairs), sources cut at
 no repeated trigram at the end, and each new cross-attention started as a copy of its layer's pretrained
 self-attention (`--cross-init self`). With the random start (`--cross-init random`, Rothe et al.'s) some seeds
 collapsed to one summary for every function, and every run at 256 tokens did; with the copied start none of 5 bf16
-runs at 128 and 3 at 256 did (benchmarks/RESULTS.md, `python benchmarks/recipe_seeds.py`). `--seed` seeds the new tensors too: a seed is a repeatable run.
+runs at 128 and 3 at 256 did (benchmarks/RESULTS.md, `python benchmarks/recipe_seeds.py`). `--seed` seeds the new
+tensors too: a seed is a repeatable run.
 """
 import argparse
 import json
