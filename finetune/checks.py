@@ -22,6 +22,11 @@ def is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_seed(value) -> bool:
+    """An int in [0, 2**63), the range every seed of the package takes (TrainConfig.seed, the warm start's)."""
+    return is_integer(value) and 0 <= value < 2**63
+
+
 def is_finite_number(value) -> bool:
     return is_number(value) and math.isfinite(value)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from finetune.checks import is_integer
+from finetune.checks import is_seed
 from finetune.models.builders import tiny_bert2bert
 from finetune.models.load import ModelNotAvailable
 from finetune.models.tokens import resolve_special_tokens
@@ -81,7 +81,7 @@ def bert2bert(encoder_path: str, decoder_path: str | None = None, cross_init: st
 
 
 def _check_seed(seed) -> None:
-    if seed is not None and not (is_integer(seed) and 0 <= seed < 2**63):
+    if seed is not None and not is_seed(seed):
         raise ValueError(f"bert2bert: seed must be None or an int in [0, 2**63) (TrainConfig.seed's range), "
                          f"got {seed!r}")
 

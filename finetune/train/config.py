@@ -6,7 +6,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from finetune.checks import check_table, describe, fits, is_finite_number, is_number
+from finetune.checks import check_table, describe, fits, is_finite_number, is_number, is_seed
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -191,7 +191,7 @@ class TrainConfig:
         need(self.keep_last >= 1, "keep_last", "must be >= 1")
         need(self.dist_timeout_s >= 1, "dist_timeout_s", "must be >= 1 (seconds)")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
-        need(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
+        need(is_seed(self.seed), "seed", "must be in [0, 2**63)")
         need(bool(self.output_dir.strip()), "output_dir", "must name a folder (it is empty)")
         need(self.device is None or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
              "must be None, 'cpu', 'cuda' or 'cuda:N'")
