@@ -122,3 +122,23 @@ def test_recipe_seeds_tabulates_each_run_and_the_distribution(tmp_path, monkeypa
     assert calls == [("fp32", 1, []), ("fp32", 2, [])]
     with pytest.raises(SystemExit):
         recipe.main(["--runs", "fp32=1", "--first-seed", "-1", "--out", str(tmp_path)])
+
+
+def test_decoding_sweep_scores_each_setting_on_validation(tmp_path):
+    """A trained run's model/ folder decoded under each length penalty: one row per setting, the best marked, the
+    references' length beside the predictions'; a bad grid is refused before anything loads."""
+    run = [sys.executable, os.path.join(ROOT, "examples", "code_summary_bert2bert.py"), "--model", "tiny",
+           "--train-size", "16", "--valid-size", "4", "--eval-size", "4", "--max-steps", "2", "--eval-every", "2",
+           "--max-source-length", "64", "--num-beams", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path)]
+    assert subprocess.run(run, capture_output=True, text=True, timeout=600).returncode == 0
+    sweep = [sys.executable, os.path.join(ROOT, "benchmarks", "decoding_sweep.py"), str(tmp_path / "model"),
+             "--valid-size", "6", "--num-beams", "2", "--length-penalties", "0.5", "2.0", "--max-source-length", "64",
+             "--max-new-tokens", "4", "--out", str(tmp_path / "sweep")]
+    out = subprocess.run(sweep, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [r["length_penalty"] for r in rows] == [0.5, 2.0] and all(r["pairs"] == 6 for r in rows)
+    table = (tmp_path / "sweep.md").read_text()
+    assert "6 validation pairs" in table and table.count("**") == 2 and "| 2 | 0.5 | 3 |" in table
+    bad = subprocess.run(sweep[:3] + ["--num-beams", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--num-beams: every value must be >= 1" in bad.stderr

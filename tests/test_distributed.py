@@ -149,13 +149,16 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, method
 
 def test_token_budget_batches_shard_evenly_over_two_ranks(tmp_path):
     """max_tokens under torchrun: both ranks take the same number of steps, each rank's micro-batch stays within the
-    budget, and together they train on every example once an epoch (41 examples: the odd one joins a batch)."""
+    budget, together they train on every example once an epoch (41 examples: the odd one joins a batch), and each
+    step's log record counts the pairs of both ranks."""
     launch(tmp_path, "full", max_tokens=96, max_source_length=48, max_target_length=24, grad_accum=1)
     ranks = [json.load(open(tmp_path / f"shapes-rank{r}.json")) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) > 0
     assert all(0 < n and tokens <= 96 for rank in ranks for n, tokens, _ in rank)
     assert sum(n for rank in ranks for n, _, _ in rank) == 2 * len(VARIED)  # two epochs
     assert len({n for n, _, _ in ranks[0]}) > 1
+    logged = [r["samples"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+    assert logged == [a[0] + b[0] for a, b in zip(*ranks)]  # the pairs of both ranks, not rank 0's count x 2
 
 
 def eval_worker(rank, world, port, out):

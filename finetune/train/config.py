@@ -52,6 +52,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     fused_loss: bool | None = None  # output layer + cross-entropy in blocks, no (tokens x vocabulary) logits in
     # memory; None: for micro-batches whose logits would be large (finetune/train/loss.py), the plain loss below
+    # (both on target positions only); False: the plain loss on the model's own logits, padding included
     device: str | None = None  # None: cuda when available, else cpu
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)
     dist_timeout_s: int = 1800  # under torchrun: a collective waiting longer than this fails instead of hanging

@@ -186,8 +186,9 @@ class Engine:
     def train_step(self, window: list[dict]) -> dict:
         """One optimizer step over a window of `grad_accum` micro-batches (after `prepare` or `build_optimizer`)."""
         cfg, model, world = self.config, self.train_model, self.dist.world_size
-        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
-        window_tokens = int(distributed.all_sum([local_tokens], self.dist, self.device)[0])  # over every rank
+        local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window), sum(len(b["labels"]) for b in window)]
+        # over every rank (under max_tokens the ranks' batches hold different numbers of pairs)
+        window_tokens, window_samples = (int(v) for v in distributed.all_sum(local, self.dist, self.device))
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for i, batch in enumerate(window):
@@ -219,14 +220,15 @@ class Engine:
         self.global_step += 1
         return {"step": self.global_step, "loss": loss_value, "token_accuracy": correct_total / window_tokens,
                 "lr": lr, "grad_norm": grad_norm, "skipped": skipped, "tokens": window_tokens,
-                "samples": sum(len(b["labels"]) for b in window) * world}
+                "samples": window_samples}
 
     # ------------------------------------------------------------------------------------------
     # fit: prepare, then the loop
 
     def fit(self, train, eval=None, resume: str | bool | None = None, on_step=None, on_evaluate=None) -> dict:
         """Train on `train` (a .jsonl/.json/.tsv/.csv/.parquet file, a folder of them, "hf:PATH", a datasets.Dataset
-        or IterableDataset, or a list of (source, target): finetune.data.corpus, finetune.data.stream); evaluate on `eval`.
+        or IterableDataset, or a list of (source, target): finetune.data.corpus, finetune.data.stream); evaluate on
+        `eval`.
 
         `resume="latest"` (or True, or a checkpoint folder) continues exactly where a run stopped. SIGTERM /
         SIGINT finish the current step, write a checkpoint and exit with status 128 + signal number.

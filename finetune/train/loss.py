@@ -1,21 +1,23 @@
 """The training loss: summed token cross-entropy, plain or fused with the output layer.
 
-`token_loss` takes the model's logits. `fused_head_loss` takes the hidden states that enter the output layer
-(`lm_head`) and computes logits, cross-entropy and their gradients a block of rows at a time, so the
-(target tokens x vocabulary) logits tensor, its float32 copy, its log-softmax and their gradients — several
-times the size of all the decoder's activations for a 50k vocabulary — never exist at once. The maths is the
-same: loss = logsumexp(z) - (1 - e) z_y - e mean(z) per target token (e = label smoothing, as
-`F.cross_entropy` defines it), gradient softmax(z) - (1 - e) onehot(y) - e / V. tests/train/test_loss.py pins both
+`token_loss` takes the model's logits. `head_loss` takes the hidden states that enter the output layer (`lm_head`)
+and runs the layer on the target positions only (the padding's logits, which the loss ignores, are never made).
+`fused_head_loss` takes the same hidden states and computes logits, cross-entropy and their gradients a block of
+rows at a time, so the (target tokens x vocabulary) logits tensor, its float32 copy, its log-softmax and their
+gradients — several times the size of all the decoder's activations for a 50k vocabulary — never exist at once. The
+maths is the same: loss = logsumexp(z) - (1 - e) z_y - e mean(z) per target token (e = label smoothing, as
+`F.cross_entropy` defines it), gradient softmax(z) - (1 - e) onehot(y) - e / V. tests/train/test_loss.py pins all
 to `F.cross_entropy` on BART, T5 and bert2bert, with and without label smoothing, in fp32 and bf16.
 
 `capture_hidden` gets those hidden states out of an unmodified `transformers` model: for one forward it puts
 a stand-in where the output layer is, which records its input and returns a one-column placeholder, so the
 model's own forward (and a DDP wrapper around it) runs as usual up to the head.
 
-`TrainingLoss` is what the engine calls: one micro-batch in, (summed token loss, correct tokens) out. It owns
-the fused / plain choice - fused when asked for and the output layer is a plain `nn.Linear` (not LoRA, not
-int8) and the model is not sharded - and, for a model family the table (finetune/families.py) does not vouch
-for, checks the fused loss against the model's own logits on the first batch.
+`TrainingLoss` is what the engine calls: one micro-batch in, (summed token loss, correct tokens) out. Where the
+output layer is a plain `nn.Linear` (not LoRA, not int8) and the model is not sharded, the layer runs on the target
+positions only: fused when asked for (by size by default), `head_loss` otherwise; else (and with fused_loss=False)
+the model's own logits. For a model family the table (finetune/families.py) does not vouch for, it checks the loss
+on the captured hidden states against the model's own logits on the first batch.
 """
 from __future__ import annotations
 
@@ -130,6 +132,18 @@ def fused_head_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                                           float(label_smoothing), rows, torch.is_grad_enabled())
 
 
+def head_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, label_smoothing: float = 0.0,
+              extra_bias: torch.Tensor | None = None):
+    """`token_loss(head(hidden) + extra_bias, labels)` with the head run on the target positions only: the plain
+    loss (autograd keeps these logits for backward) without the logits of the padding, which `token_loss` would
+    ignore anyway. hidden: (..., d) as it enters `head`; labels: (...) with -100 where there is no target."""
+    valid = labels != IGNORE_INDEX
+    logits = head(hidden[valid])
+    if extra_bias is not None:
+        logits = logits + extra_bias.reshape(-1)
+    return token_loss(logits, labels[valid], label_smoothing)
+
+
 class _HiddenCapture(nn.Module):
     """Stands in for the output layer during one forward: keeps its input, returns a (..., 1) zero placeholder."""
 
@@ -197,7 +211,8 @@ class TrainingLoss:
             self.head = head
             limit = FUSE_ABOVE_ELEMENTS_AUTOCAST if self._head_trains_under_autocast() else FUSE_ABOVE_ELEMENTS
             self.reason = (f"fused output layer + loss for micro-batches with more than {limit:,} logits, plain "
-                           "below" if self.by_size else "fused output layer + loss")
+                           "below (the output layer on target positions only)" if self.by_size
+                           else "fused output layer + loss")
         # the table vouches for transformers' own classes of a family: their logits come straight from the head
         self.checked = family.head_is_last and type(model).__module__.startswith("transformers.")
 
@@ -212,20 +227,21 @@ class TrainingLoss:
         limit = FUSE_ABOVE_ELEMENTS_AUTOCAST if self._head_trains_under_autocast() else FUSE_ABOVE_ELEMENTS
         fuse = self.head is not None and (
             not self.by_size or int((batch["labels"] != IGNORE_INDEX).sum()) * self.head.out_features > limit)
-        if fuse and not self.checked:
+        if self.head is not None and not self.checked:
             self._check(batch)
-            fuse = self.head is not None
+            fuse = fuse and self.head is not None
         with self.precision.autocast():
-            if fuse:
-                return self._fused(model, batch, label_smoothing)
+            if self.head is not None:  # the output layer on target positions only, fused or plain
+                return self._on_targets(model, batch, label_smoothing, fuse)
             logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
         return token_loss(logits, batch["labels"], label_smoothing)
 
-    def _fused(self, model, batch, label_smoothing: float = 0.0):
+    def _on_targets(self, model, batch, label_smoothing: float = 0.0, fuse: bool = True):
         with capture_hidden(self.model, self.head, self.logits_bias) as capture:
             model(**{k: batch[k] for k in MODEL_INPUTS})
         extra_bias = getattr(self.model, self.logits_bias) if self.logits_bias else None
-        return fused_head_loss(capture.hidden, self.head, batch["labels"], label_smoothing, extra_bias)
+        loss = fused_head_loss if fuse else head_loss
+        return loss(capture.hidden, self.head, batch["labels"], label_smoothing, extra_bias)
 
     def _check(self, batch) -> None:
         """First batch of a family the table does not know: the fused loss must equal the model's own logits'
@@ -236,7 +252,7 @@ class TrainingLoss:
         self.model.eval()
         with torch.no_grad(), self.precision.autocast():
             plain, _ = token_loss(self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch["labels"])
-            fused, _ = self._fused(self.model, batch)
+            fused, _ = self._on_targets(self.model, batch)
         self.model.train(was_training)
         tolerance = 1e-4 if self.precision.dtype is None else 2e-2
         plain, fused = float(plain), float(fused)

@@ -145,7 +145,8 @@ def test_the_example_compares_methods_beside_the_baseline(tmp_path):
 @pytest.mark.parametrize("flags, message", [(["--max-tokens", "-1"], "--max-tokens must be >= 0"),
                                             (["--max-tokens", "100"], "max_tokens=100: must hold one example"),
                                             (["--min-steps-typo"], "unrecognized arguments"),
-                                            (["--budget-minutes", "2"], "it does nothing here")])
+                                            (["--budget-minutes", "2"], "it does nothing here"),
+                                            (["--lr", "0"], "TrainConfig.lr=0.0: must be > 0")])
 def test_the_example_refuses_bad_flags(tmp_path, flags, message):
     from test_examples import run
 

@@ -6,7 +6,7 @@ from conftest import SPELLING, build
 from finetune.data.collate import Collator
 from finetune.data.tokenize import tokenize_pairs
 from finetune.models import resolve_special_tokens
-from finetune.train.loss import capture_hidden, fusable_head, fused_head_loss, token_loss
+from finetune.train.loss import capture_hidden, fusable_head, fused_head_loss, head_loss, token_loss
 
 INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
@@ -31,6 +31,7 @@ def perturbed(family, seed=0):
 
 
 def loss_and_grads(model, batch, fused, smoothing, dtype=None, rows=3):
+    """fused: True (fused_head_loss), "targets" (head_loss: the head on target positions) or False (the logits)."""
     model.zero_grad(set_to_none=True)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
     with autocast:
@@ -39,8 +40,9 @@ def loss_and_grads(model, batch, fused, smoothing, dtype=None, rows=3):
             with capture_hidden(model, head) as cap:
                 out = model(**{k: batch[k] for k in INPUTS})
             assert out.logits.shape[-1] == 1  # the model built no vocabulary-wide logits
-            loss, correct = fused_head_loss(cap.hidden, head, batch["labels"], smoothing,
-                                            getattr(model, "final_logits_bias", None), rows=rows)
+            bias = getattr(model, "final_logits_bias", None)
+            loss, correct = (head_loss(cap.hidden, head, batch["labels"], smoothing, bias) if fused == "targets" else
+                             fused_head_loss(cap.hidden, head, batch["labels"], smoothing, bias, rows=rows))
         else:
             logits = model(**{k: batch[k] for k in INPUTS}).logits
     if not fused:
@@ -50,12 +52,14 @@ def loss_and_grads(model, batch, fused, smoothing, dtype=None, rows=3):
                                          if p.grad is not None}
 
 
+@pytest.mark.parametrize("how", [True, "targets"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_fused_loss_equals_cross_entropy_on_the_logits(family, smoothing):
+def test_fused_loss_equals_cross_entropy_on_the_logits(family, smoothing, how):
     model, tok = perturbed(family)
     batch = batch_for(model, tok)
+    assert (batch["labels"] == -100).any()  # padded targets: their logits are left out, not wrongly counted
     ref_loss, ref_correct, ref_grads = loss_and_grads(model, batch, False, smoothing)
-    loss, correct, grads = loss_and_grads(model, batch, True, smoothing)
+    loss, correct, grads = loss_and_grads(model, batch, how, smoothing)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert correct == ref_correct
     assert grads.keys() == ref_grads.keys()
@@ -66,11 +70,12 @@ def test_fused_loss_equals_cross_entropy_on_the_logits(family, smoothing):
     assert model(**{k: batch[k] for k in INPUTS}).logits.shape[-1] == model.get_output_embeddings().out_features
 
 
-def test_fused_loss_under_bf16_autocast_matches_to_bf16_rounding(family):
+@pytest.mark.parametrize("how", [True, "targets"])
+def test_fused_loss_under_bf16_autocast_matches_to_bf16_rounding(family, how):
     model, tok = perturbed(family)
     batch = batch_for(model, tok)
     ref_loss, _, ref_grads = loss_and_grads(model, batch, False, 0.0, torch.bfloat16)
-    loss, _, grads = loss_and_grads(model, batch, True, 0.0, torch.bfloat16)
+    loss, _, grads = loss_and_grads(model, batch, how, 0.0, torch.bfloat16)
     torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
     for name, grad in ref_grads.items():
         assert grads[name].dtype == grad.dtype == torch.float32
