@@ -1,6 +1,8 @@
-"""Where the time of one training step goes, on the real job (MiniLM bert2bert, codespell, batch 64).
+"""Where the time of one training step goes, on the real job (MiniLM bert2bert, codespell, batch 64) or the
+long-input job (`--data code`: stdlib code -> summary, token-budget batches, as examples/code_summary_bert2bert.py).
 
     python benchmarks/profile_real.py --method full --precision fp32 --steps 8
+    python benchmarks/profile_real.py --data code --max-tokens 1024 --precision fp32 --steps 20
     python benchmarks/profile_real.py --method full --precision fp32 --optimizer single   # AdamW before fused
 
 Runs a few steps through the engine's public seam (`Engine.prepare`, `Engine.windows`, `Engine.train_step`),
@@ -22,16 +24,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="full")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--data", choices=("spelling", "code"), default="spelling")
+    ap.add_argument("--batch-size", type=int, default=64, help="spelling: pairs per batch")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="code: padded tokens per batch")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--fused-loss", default=None, choices=("on", "off", "auto"))
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
     ap.add_argument("--lora-targets", default=None, metavar="REGEX",
                     help="the adapter methods' targets (default: the family's; the main job's: "
                          "'\\.(query|key|value|dense)$')")
     ap.add_argument("--optimizer", choices=("engine", "single", "foreach"), default="engine",
-                    help="engine: the engine's AdamW (fused); single / foreach: torch's other AdamW loops, for comparison")
+                    help="engine: the engine's AdamW (fused); single / foreach: torch's other AdamW loops, for "
+                         "comparison")
     ap.add_argument("--lora-dropout", type=float, default=None, help="the adapter methods' dropout (the main job: 0)")
     args = ap.parse_args(argv)
 
@@ -39,19 +45,27 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from finetune import Engine, TrainConfig, apply_method, new_tensor_lr
-    from finetune.data.builtin import codespell_pairs
-    from finetune.models import bert2bert, minilm_path
+    from finetune.data.builtin import code_summary_pairs, codespell_pairs
+    from finetune.models import bert2bert, bert2bert_by_name, minilm_path, set_dropout
 
     torch.manual_seed(0)
-    built = bert2bert(minilm_path())
+    if args.data == "code":  # the long-input job's model, lengths and batches
+        built = bert2bert_by_name("minilm", cross_init="self", seed=0)
+        set_dropout(built.model, 0.0)
+        shape = {"max_tokens": args.max_tokens, "max_source_length": 128, "max_target_length": 32,
+                 "label_smoothing": 0.1}
+        pairs = [(code, summary.lower()) for code, summary in code_summary_pairs("train")]
+    else:
+        built = bert2bert(minilm_path())
+        shape = {"batch_size": args.batch_size, "max_source_length": 32, "max_target_length": 32}
+        pairs = codespell_pairs("train", limit=args.batch_size * (args.warmup + 2 * args.steps), seed=0)
     apply_method(built.model, args.method, built.new_parameters,
                  lora_targets=[args.lora_targets] if args.lora_targets else None, lora_dropout=args.lora_dropout)
     extra = {} if args.fused_loss is None else {"fused_loss": {"on": True, "off": False, "auto": None}[args.fused_loss]}
-    cfg = TrainConfig(lr=1e-4, lr_overrides=new_tensor_lr(built.new_parameters, 1e-3), batch_size=args.batch_size,
-                      precision=args.precision, max_source_length=32, max_target_length=32, progress=False,
-                      save_model=False, output_dir=tempfile.mkdtemp(), warmup_ratio=0.05, **extra)
+    cfg = TrainConfig(lr=1e-4, lr_overrides=new_tensor_lr(built.new_parameters, 1e-3), precision=args.precision,
+                      progress=False, save_model=False, output_dir=tempfile.mkdtemp(), warmup_ratio=0.05, **shape,
+                      **extra)
     engine = Engine(built.model, built.tokenizer, cfg)
-    pairs = codespell_pairs("train", limit=args.batch_size * (args.warmup + 2 * args.steps), seed=0)
     run = engine.prepare(pairs)
     if args.optimizer != "engine":  # the same groups and schedule under another AdamW implementation
         from finetune.train.optim import build_scheduler
@@ -64,17 +78,20 @@ def main(argv=None) -> int:
     windows = [w for _, w in engine.windows(run, 0)]
     for w in windows[:args.warmup]:
         engine.train_step(w)
+    if len(windows) < args.warmup + 2 * args.steps:
+        raise SystemExit(f"--warmup {args.warmup} + 2 x --steps {args.steps} needs more batches than the "
+                         f"{len(windows)} of one epoch")
     start = time.perf_counter()
-    for w in windows[args.warmup:args.warmup + args.steps]:
-        engine.train_step(w)
+    plain_samples = sum(engine.train_step(w)["samples"] for w in windows[args.warmup:args.warmup + args.steps])
     plain = time.perf_counter() - start
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         start = time.perf_counter()
-        for w in windows[args.warmup + args.steps:args.warmup + 2 * args.steps]:
-            engine.train_step(w)
+        profiled_samples = sum(engine.train_step(w)["samples"]
+                               for w in windows[args.warmup + args.steps:args.warmup + 2 * args.steps])
         profiled = time.perf_counter() - start
-    print(f"samples/s: {args.steps * args.batch_size / plain:.1f} (profiled: {args.steps * args.batch_size / profiled:.1f})")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(f"samples/s: {plain_samples / plain:.1f} (profiled: {profiled_samples / profiled:.1f}); s a step: "
+          f"{plain / args.steps:.3f} (profiled: {profiled / args.steps:.3f})")
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 
 

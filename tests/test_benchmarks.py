@@ -142,3 +142,13 @@ def test_decoding_sweep_scores_each_setting_on_validation(tmp_path):
     assert "6 validation pairs" in table and table.count("**") == 2 and "| 2 | 0.5 | 3 |" in table
     bad = subprocess.run(sweep[:3] + ["--num-beams", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--num-beams: every value must be >= 1" in bad.stderr
+
+
+def test_profile_real_profiles_the_long_input_job():
+    """The step profile on the code-summary job's model, lengths and token-budget batches: the rate, the seconds a
+    step and the operator table."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_real.py"), "--data", "code", "--max-tokens",
+           "512", "--warmup", "1", "--steps", "1", "--rows", "3", "--shapes"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "s a step:" in out.stdout and "Self CPU" in out.stdout
