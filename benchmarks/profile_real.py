@@ -76,11 +76,11 @@ def main(argv=None) -> int:
         engine.scheduler = build_scheduler(engine.optimizer, run.total_steps, 0, cfg.schedule)
     print(f"{engine.precision}; {engine.loss.reason}; AdamW {args.optimizer}")
     windows = [w for _, w in engine.windows(run, 0)]
-    for w in windows[:args.warmup]:
-        engine.train_step(w)
-    if len(windows) < args.warmup + 2 * args.steps:
+    if len(windows) < args.warmup + 2 * args.steps:  # before any step is spent
         raise SystemExit(f"--warmup {args.warmup} + 2 x --steps {args.steps} needs more batches than the "
                          f"{len(windows)} of one epoch")
+    for w in windows[:args.warmup]:
+        engine.train_step(w)
     start = time.perf_counter()
     plain_samples = sum(engine.train_step(w)["samples"] for w in windows[args.warmup:args.warmup + args.steps])
     plain = time.perf_counter() - start

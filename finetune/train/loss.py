@@ -228,8 +228,7 @@ class TrainingLoss:
         fuse = self.head is not None and (
             not self.by_size or int((batch["labels"] != IGNORE_INDEX).sum()) * self.head.out_features > limit)
         if self.head is not None and not self.checked:
-            self._check(batch)
-            fuse = fuse and self.head is not None
+            self._check(batch)  # may drop the head: then the model's own logits below
         with self.precision.autocast():
             if self.head is not None:  # the output layer on target positions only, fused or plain
                 return self._on_targets(model, batch, label_smoothing, fuse)
