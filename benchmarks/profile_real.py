@@ -4,6 +4,8 @@ long-input job (`--data code`: stdlib code -> summary, token-budget batches, as 
     python benchmarks/profile_real.py --method full --precision fp32 --steps 8
     python benchmarks/profile_real.py --data code --max-tokens 1024 --precision fp32 --steps 20
     python benchmarks/profile_real.py --method full --precision fp32 --optimizer single   # AdamW before fused
+    python benchmarks/profile_real.py --data code --precision bf16 --compile dynamic --warmup 20
+    python benchmarks/profile_real.py --data code --precision bf16 --attention-fp32 off   # bf16 attention kernels
 
 Runs a few steps through the engine's public seam (`Engine.prepare`, `Engine.windows`, `Engine.train_step`),
 then profiles `--steps` more with torch.profiler and prints the operators with the most self CPU time, and
@@ -39,6 +41,11 @@ def main(argv=None) -> int:
                     help="engine: the engine's AdamW (fused); single / foreach: torch's other AdamW loops, for "
                          "comparison")
     ap.add_argument("--lora-dropout", type=float, default=None, help="the adapter methods' dropout (the main job: 0)")
+    ap.add_argument("--attention-fp32", choices=("auto", "on", "off"), default="auto",
+                    help="TrainConfig.attention_fp32 (auto: on for bf16 on CPUs with AVX-512-BF16 and no AMX)")
+    ap.add_argument("--compile", choices=("off", "static", "dynamic"), default="off",
+                    help="Engine.compile() before the warm-up steps (dynamic: dynamic=True, one graph for the "
+                         "token-budget batches' varying shapes); the warm-up's seconds include the compilation")
     args = ap.parse_args(argv)
 
     import torch
@@ -61,7 +68,8 @@ def main(argv=None) -> int:
         pairs = codespell_pairs("train", limit=args.batch_size * (args.warmup + 2 * args.steps), seed=0)
     apply_method(built.model, args.method, built.new_parameters,
                  lora_targets=[args.lora_targets] if args.lora_targets else None, lora_dropout=args.lora_dropout)
-    extra = {} if args.fused_loss is None else {"fused_loss": {"on": True, "off": False, "auto": None}[args.fused_loss]}
+    extra = {"attention_fp32": {"on": True, "off": False, "auto": None}[args.attention_fp32]}
+    extra |= {} if args.fused_loss is None else {"fused_loss": {"on": True, "off": False, "auto": None}[args.fused_loss]}
     cfg = TrainConfig(lr=1e-4, lr_overrides=new_tensor_lr(built.new_parameters, 1e-3), precision=args.precision,
                       progress=False, save_model=False, output_dir=tempfile.mkdtemp(), warmup_ratio=0.05, **shape,
                       **extra)
@@ -79,8 +87,12 @@ def main(argv=None) -> int:
     if len(windows) < args.warmup + 2 * args.steps:  # before any step is spent
         raise SystemExit(f"--warmup {args.warmup} + 2 x --steps {args.steps} needs more batches than the "
                          f"{len(windows)} of one epoch")
+    if args.compile != "off":
+        engine.compile(dynamic=args.compile == "dynamic")
+    start = time.perf_counter()
     for w in windows[:args.warmup]:
         engine.train_step(w)
+    print(f"warm-up: {args.warmup} steps in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     plain_samples = sum(engine.train_step(w)["samples"] for w in windows[args.warmup:args.warmup + args.steps])
     plain = time.perf_counter() - start

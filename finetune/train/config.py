@@ -53,6 +53,8 @@ class TrainConfig:
     fused_loss: bool | None = None  # output layer + cross-entropy in blocks, no (tokens x vocabulary) logits in
     # memory; None: for micro-batches whose logits would be large (finetune/train/loss.py), the plain loss below
     # (both on target positions only); False: the plain loss on the model's own logits, padding included
+    attention_fp32: bool | None = None  # under bf16 autocast on a CPU: attention of up to 256 keys in float32
+    # (faster there: finetune/models/attention.py); None: on for CPUs with AVX-512-BF16 and no AMX (measured)
     device: str | None = None  # None: cuda when available, else cpu
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)
     dist_timeout_s: int = 1800  # under torchrun: a collective waiting longer than this fails instead of hanging

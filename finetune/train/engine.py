@@ -31,7 +31,8 @@ from finetune.data.noise import NoiseConfig
 from finetune.data.training import open_training_data
 from finetune.evaluate import evaluation
 from finetune.methods.freeze import trainable_report
-from finetune.models import check_length, enable_activation_checkpointing, freeze_unused_pooler, resolve_special_tokens
+from finetune.models import (MAX_KEYS, check_length, enable_activation_checkpointing, freeze_unused_pooler,
+                             resolve_special_tokens, use_float32_attention)
 from finetune.store.export import save_model_folder, save_outputs
 from finetune.store.outputs import RunLock, claim_for_fresh_run
 from finetune.train.best import Best
@@ -76,6 +77,10 @@ class Engine:
         freeze_unused_pooler(model, self.recorder.log)
         self.model = model.to(self.device)
         self.precision.apply_to(self.model)  # layers with a compute dtype of their own compute in the precision's
+        use_fp32, why = self.precision.float32_attention(cfg.attention_fp32)
+        if use_fp32 and use_float32_attention(self.model):
+            self.recorder.log(f"attention: sequences of up to {MAX_KEYS} keys attend in float32 under bf16 autocast "
+                              f"({why}; TrainConfig.attention_fp32)")
         self.train_model, self.sharded = self.model, False  # under torchrun: the DDP wrapper / FSDP-sharded model
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)
