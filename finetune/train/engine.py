@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -77,10 +78,7 @@ class Engine:
         freeze_unused_pooler(model, self.recorder.log)
         self.model = model.to(self.device)
         self.precision.apply_to(self.model)  # layers with a compute dtype of their own compute in the precision's
-        use_fp32, why = self.precision.float32_attention(cfg.attention_fp32)
-        if use_fp32 and use_float32_attention(self.model):
-            self.recorder.log(f"attention: sequences of up to {MAX_KEYS} keys attend in float32 under bf16 autocast "
-                              f"({why}; TrainConfig.attention_fp32)")
+        self._choose_attention()  # float32 attention under CPU bf16 (finetune/models/attention.py)
         self.train_model, self.sharded = self.model, False  # under torchrun: the DDP wrapper / FSDP-sharded model
         self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)
@@ -89,6 +87,18 @@ class Engine:
         self.global_step, self.nonfinite_in_a_row, self.padding = 0, 0, None
         self.stream_position = None  # a streamed run: where a resume after the last window picks up
         self._checked_gradients = False
+
+    def _choose_attention(self) -> None:
+        use_fp32, why = self.precision.float32_attention(self.config.attention_fp32)
+        if not use_fp32:
+            return
+        if use_float32_attention(self.model):
+            self.recorder.log(f"attention: sequences of up to {MAX_KEYS} keys attend in float32 under bf16 autocast "
+                              f"({why}; TrainConfig.attention_fp32)")
+        elif self.config.attention_fp32:
+            found = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+            warnings.warn(f"TrainConfig.attention_fp32=True: this model's attention ({found!r}) is not transformers' "
+                          "'sdpa' attention; it is left as it is", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     # before the first step

@@ -95,6 +95,15 @@ def test_engine_applies_the_setting_only_under_bf16(tmp_path, setting, precision
     assert model.config._attn_implementation == expected
 
 
+def test_engine_warns_when_the_model_attention_cannot_be_switched(tmp_path):
+    model, tok = tiny_bart()
+    model.set_attn_implementation("eager")
+    with pytest.warns(UserWarning, match="attention_fp32=True: this model's attention \\('eager'\\) is not"):
+        Engine(model, tok, TrainConfig(output_dir=str(tmp_path), precision="bf16", attention_fp32=True,
+                                       progress=False))
+    assert model.config._attn_implementation == "eager"
+
+
 def test_a_saved_model_does_not_carry_the_float32_attention(tmp_path):
     model, _ = tiny_bart()
     use_float32_attention(model)
