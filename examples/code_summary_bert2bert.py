@@ -8,6 +8,7 @@ tokens, skewed: activation memory, padding and beam search decide the cost here,
 
     python examples/code_summary_bert2bert.py                  # full fine-tuning, default recipe
     python examples/code_summary_bert2bert.py --compare        # every method, the same training minutes
+    python examples/code_summary_bert2bert.py --max-source-length 256 --max-steps 1100 --eval-every 550   # 256 tokens
 
 The report: the whole test split, beam search, ROUGE-L, BLEU (sacrebleu), exact match, beside the baseline of
 the function's name split into words (`get_user_name` -> "get user name"), a few good and bad summaries, wall
