@@ -58,7 +58,7 @@ def use_float32_attention(model) -> bool:
     if can_set is None or not can_set():
         return False
     found = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
-    configs = {id(c): c for c in found if getattr(c, "_attn_implementation", None) == "sdpa"}
+    configs = {id(c): c for c in found if getattr(c, "_attn_implementation", None) in ("sdpa", NAME)}  # NAME: again
     if not configs:
         return False
     register()

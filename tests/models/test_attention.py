@@ -78,6 +78,13 @@ def test_gradients_flow_through_the_float32_attention():
     assert query.grad is not None and torch.isfinite(query.grad).all() and query.grad.abs().sum() > 0
 
 
+def test_switching_twice_is_a_no_op(tmp_path):
+    model, tok = tiny_bart()
+    assert use_float32_attention(model) and use_float32_attention(model)
+    Engine(model, tok, TrainConfig(output_dir=str(tmp_path), precision="bf16", attention_fp32=True, progress=False))
+    assert model.config._attn_implementation == "sdpa_float32"
+
+
 def test_models_without_sdpa_attention_are_left_alone():
     model, _ = tiny_bart()
     model.set_attn_implementation("eager")
