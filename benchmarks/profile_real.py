@@ -68,8 +68,9 @@ def main(argv=None) -> int:
         pairs = codespell_pairs("train", limit=args.batch_size * (args.warmup + 2 * args.steps), seed=0)
     apply_method(built.model, args.method, built.new_parameters,
                  lora_targets=[args.lora_targets] if args.lora_targets else None, lora_dropout=args.lora_dropout)
-    extra = {"attention_fp32": {"on": True, "off": False, "auto": None}[args.attention_fp32]}
-    extra |= {} if args.fused_loss is None else {"fused_loss": {"on": True, "off": False, "auto": None}[args.fused_loss]}
+    setting = {"on": True, "off": False, "auto": None}
+    extra = {"attention_fp32": setting[args.attention_fp32]}
+    extra |= {} if args.fused_loss is None else {"fused_loss": setting[args.fused_loss]}
     cfg = TrainConfig(lr=1e-4, lr_overrides=new_tensor_lr(built.new_parameters, 1e-3), precision=args.precision,
                       progress=False, save_model=False, output_dir=tempfile.mkdtemp(), warmup_ratio=0.05, **shape,
                       **extra)

@@ -10,5 +10,5 @@ from finetune.models.tokens import SpecialTokens, check_length, resolve_special_
 
 __all__ = ["load_seq2seq", "load_quantized", "damaged_weights", "ModelNotAvailable", "bert2bert", "bert2bert_by_name",
            "Bert2Bert", "minilm_path", "resolve_special_tokens", "SpecialTokens", "check_length",
-           "enable_activation_checkpointing", "freeze_unused_pooler", "set_dropout", "use_float32_attention", "MAX_KEYS", "base_sized", "char_tokenizer",
-           "tiny_bart", "tiny_bert2bert", "tiny_t5"]
+           "enable_activation_checkpointing", "freeze_unused_pooler", "set_dropout", "use_float32_attention",
+           "MAX_KEYS", "base_sized", "char_tokenizer", "tiny_bart", "tiny_bert2bert", "tiny_t5"]

@@ -89,8 +89,8 @@ class Engine:
         self._checked_gradients = False
 
     def _choose_attention(self) -> None:
-        use_fp32, why = self.precision.float32_attention(self.config.attention_fp32)
-        if not use_fp32:
+        why = self.precision.float32_attention(self.config.attention_fp32)
+        if why is None:
             return
         if use_float32_attention(self.model):
             self.recorder.log(f"attention: sequences of up to {MAX_KEYS} keys attend in float32 under bf16 autocast "

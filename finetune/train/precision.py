@@ -87,17 +87,16 @@ class Precision:
             if hasattr(module, "set_compute_dtype"):
                 module.set_compute_dtype(self.dtype or torch.float32)
 
-    def float32_attention(self, setting: bool | None) -> tuple[bool, str]:
-        """TrainConfig.attention_fp32: whether attention runs in float32 under this precision (finetune.models.
-        attention), and why. None (auto): on for bf16 on a CPU with AVX-512-BF16 and no AMX, where its bf16 flash
-        kernel was measured slower; not measured on AMX, so off there."""
-        if setting is False or self.dtype is None:
-            return False, "off" if setting is False else "off (no autocast)"
-        if self.device.type != "cpu":
-            return False, "off (float32 attention is a CPU lever; GPU bf16 attention kernels are fast)"
+    def float32_attention(self, setting: bool | None) -> str | None:
+        """TrainConfig.attention_fp32: why attention runs in float32 under this precision (finetune.models.
+        attention), or None where it does not. None (auto): on for bf16 on a CPU with AVX-512-BF16 and no AMX, where
+        its bf16 flash kernel was measured slower; not measured on AMX, so off there. Never without autocast or on a
+        GPU (whose bf16 attention kernels are fast)."""
+        if setting is False or self.dtype is None or self.device.type != "cpu":
+            return None
         if setting is None and cpu_bf16_units() != "AVX-512-BF16":
-            return False, f"off (auto: measured on AVX-512-BF16 CPUs only; this CPU: {cpu_bf16_units() or 'none'})"
-        return True, "as configured" if setting else "auto: this CPU's bf16 attention kernel is the slower one"
+            return None
+        return "as configured" if setting else "auto: this CPU's bf16 attention kernel is the slower one"
 
     def autocast(self):
         if self.dtype is None:
