@@ -14,9 +14,12 @@ activation checkpointing (non-reentrant on both sides) and the same trainable te
 must be equal, or the run stops). Each run is a fresh process; ours and the peer alternate (the peer first on odd
 rounds); the table gives the median of the rounds. Per run: samples/s and real (non-padding) tokens/s from the
 end of the first step to the end of the last; memory as the whole-life peak RSS of the process (ru_maxrss, never
-reset: what an OOM killer sees); our MFU = linear-layer FLOPs of the real tokens per second / this machine's
-measured matmul peak of the precision (benchmarks/matmul_peak.py; attention scores and element-wise work not
-counted). Output: results.json, results.md in --out.
+reset: what an OOM killer sees); our MFU = the FLOPs of the real tokens per second / this machine's measured matmul
+peak of the precision (benchmarks/matmul_peak.py): the linear layers' (2 per weight forward, 2 for the input
+gradient, 2 more where the weight trains) plus attention's (scores and weighted sum, forward and backward, as PaLM
+counts them: 12 x hidden x queries x keys per layer, for encoder self-, decoder self- and cross-attention of each
+pair); element-wise work is not counted. Engine `packed`: ours with packed batches (TrainConfig.pack, no padding
+computed), beside `ours` (padded, length-grouped); the peer pads as it does. Output: results.json, results.md in --out.
 """
 from __future__ import annotations
 
@@ -82,6 +85,13 @@ def flops_per_token(model) -> tuple[float, float]:
     return source, target
 
 
+def attention_flops(model, src: list[int], tgt: list[int]) -> float:
+    """Attention FLOPs of one training step over pairs of these lengths (see the module docstring)."""
+    enc, dec = model.config.encoder, model.config.decoder
+    return 12 * sum(enc.hidden_size * enc.num_hidden_layers * s * s
+                    + dec.hidden_size * dec.num_hidden_layers * (t * t + t * s) for s, t in zip(src, tgt))
+
+
 def worker(args) -> dict:
     import torch
 
@@ -98,14 +108,14 @@ def worker(args) -> dict:
     tgt = [min(len(x) - 1, TARGET_LENGTH) for x in tok(text_target=[t for _, t in pairs])["input_ids"]]
     checkpointing = args.checkpointing == "on"
     times = []
-    if args.engine == "ours":
+    if args.engine in ("ours", "packed"):
         apply_method(model, args.method, new, lora_targets=None)
         trainable = trainable_report(model).trainable
         cfg = TrainConfig(lr=args.lr, lr_overrides=new_tensor_lr(new, args.new_lr), weight_decay=0.01,
                           warmup_ratio=0.05, epochs=1, batch_size=args.batch_size, precision=args.precision,
                           optimizer="adamw", max_source_length=args.max_source_length,
                           max_target_length=TARGET_LENGTH, grad_checkpointing=checkpointing, progress=False,
-                          save_model=False, output_dir=tempfile.mkdtemp(), seed=0)
+                          save_model=False, output_dir=tempfile.mkdtemp(), seed=0, pack=args.engine == "packed")
         engine = Engine(model, tok, cfg)
         engine.fit(pairs, on_step=lambda engine, stats: times.append(time.perf_counter()))
         flops_model = engine.model
@@ -140,7 +150,7 @@ def worker(args) -> dict:
     seconds = times[-1] - times[0]
     timed = (len(times) - 1) / len(times)  # the steps after the first, of an average batch
     per_source, per_target = flops_per_token(flops_model)
-    flops = (per_source * sum(src) + per_target * sum(tgt)) * timed
+    flops = (per_source * sum(src) + per_target * sum(tgt) + attention_flops(flops_model, src, tgt)) * timed
     return {"engine": args.engine, "method": args.method, "precision": args.precision, "subset": args.subset,
             "checkpointing": args.checkpointing, "steps": len(times), "pairs": len(pairs), "trainable": trainable,
             "samples_per_s": (len(times) - 1) * args.batch_size / seconds,
@@ -161,7 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-source-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--new-lr", type=float, default=1e-3)
-    ap.add_argument("--engines", nargs="+", choices=("ours", "peer"), default=["ours", "peer"])
+    ap.add_argument("--engines", nargs="+", choices=("ours", "packed", "peer"), default=["ours", "packed", "peer"],
+                    help="ours: padded, length-grouped batches; packed: ours with TrainConfig.pack; peer: the Trainer")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=int, default=1200)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -214,27 +225,32 @@ def markdown(runs, info, args) -> str:
              f"{info.get('torch')}, transformers {info.get('transformers')}, Python {info.get('python')}; code "
              f"summaries ({args.subset}: {runs[0]['pairs']} pairs, mean source {mean_src:.0f} tokens, cut at "
              f"{args.max_source_length}), batch {args.batch_size}, {args.steps} steps, {args.precision}, "
-             f"{args.precision} matmul peak {peak:.0f} GFLOP/s, median of {args.rounds} rounds", "",
-             "| method | checkpointing | trainable (both) | ours samples/s | peer samples/s | speed ours/peer | "
+             "both length-grouped (packed: no padding computed), "
+             f"{args.precision} matmul peak {peak:.0f} GFLOP/s, median of {args.rounds} rounds; MFU = (linear FLOPs "
+             "of real tokens + 12 x hidden x layers x (src^2 + tgt^2 + tgt x src) per pair) / s / peak", "",
+             "| method | checkpointing | ours | trainable (both) | ours samples/s | peer samples/s | speed ours/peer | "
              "ours tokens/s | ours MFU | ours peak RSS MiB | peer peak RSS MiB | memory ours/peer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for checkpointing in args.checkpointing:
         for method in args.methods:
             rows = {e: [r for r in runs if r["method"] == method and r["engine"] == e
-                        and r["checkpointing"] == checkpointing] for e in ("ours", "peer")}
-            if not rows["ours"] or not rows["peer"]:
-                continue
-
-            def med(engine, key):
-                return statistics.median(r[key] for r in rows[engine])
-
-            lines.append(f"| {method} | {checkpointing} | {rows['ours'][0]['trainable']:,} | "
-                         f"{med('ours', 'samples_per_s'):.2f} | {med('peer', 'samples_per_s'):.2f} | "
-                         f"**{med('ours', 'samples_per_s') / med('peer', 'samples_per_s'):.2f}x** | "
-                         f"{med('ours', 'tokens_per_s'):.0f} | {med('ours', 'gflops_per_s') / peak:.0%} | "
-                         f"{med('ours', 'peak_rss_mib'):.0f} | {med('peer', 'peak_rss_mib'):.0f} | "
-                         f"{med('ours', 'peak_rss_mib') / med('peer', 'peak_rss_mib'):.2f}x |")
+                        and r["checkpointing"] == checkpointing] for e in ("ours", "packed", "peer")}
+            for ours in ("ours", "packed"):
+                if rows[ours] and rows["peer"]:
+                    lines.append(row(method, checkpointing, ours, rows, peak))
     return "\n".join(lines)
+
+
+def row(method, checkpointing, ours, rows, peak) -> str:
+    def med(engine, key):
+        return statistics.median(r[key] for r in rows[engine])
+
+    return (f"| {method} | {checkpointing} | {ours} | {rows[ours][0]['trainable']:,} | "
+            f"{med(ours, 'samples_per_s'):.2f} | {med('peer', 'samples_per_s'):.2f} | "
+            f"**{med(ours, 'samples_per_s') / med('peer', 'samples_per_s'):.2f}x** | "
+            f"{med(ours, 'tokens_per_s'):.0f} | {med(ours, 'gflops_per_s') / peak:.0%} | "
+            f"{med(ours, 'peak_rss_mib'):.0f} | {med('peer', 'peak_rss_mib'):.0f} | "
+            f"{med(ours, 'peak_rss_mib') / med('peer', 'peak_rss_mib'):.2f}x |")
 
 
 if __name__ == "__main__":

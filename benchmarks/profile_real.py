@@ -6,6 +6,9 @@ long-input job (`--data code`: stdlib code -> summary, token-budget batches, as 
     python benchmarks/profile_real.py --method full --precision fp32 --optimizer single   # AdamW before fused
     python benchmarks/profile_real.py --data code --precision bf16 --compile dynamic --warmup 20
     python benchmarks/profile_real.py --data code --precision bf16 --attention-fp32 off   # bf16 attention kernels
+    python benchmarks/profile_real.py --data code --max-source-length 256 --pack          # packed batches
+    python benchmarks/profile_real.py --data code --max-source-length 256 --max-tokens 0 --batch-size 16 --dropout 0.1
+                                                                   # bench_long.py's batches and dropout
 
 Runs a few steps through the engine's public seam (`Engine.prepare`, `Engine.windows`, `Engine.train_step`),
 then profiles `--steps` more with torch.profiler and prints the operators with the most self CPU time, and
@@ -27,8 +30,13 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="full")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--data", choices=("spelling", "code"), default="spelling")
-    ap.add_argument("--batch-size", type=int, default=64, help="spelling: pairs per batch")
-    ap.add_argument("--max-tokens", type=int, default=1024, help="code: padded tokens per batch")
+    ap.add_argument("--batch-size", type=int, default=64, help="spelling, and code with --max-tokens 0: pairs a batch")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="code: padded tokens per batch (0: --batch-size)")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="code: every dropout layer's rate (the job's 0; the checkpoint's own 0.1, as bench_long.py)")
+    ap.add_argument("--max-source-length", type=int, default=128, help="code: source tokens kept (the job's 128)")
+    ap.add_argument("--pack", action="store_true", help="TrainConfig.pack: each micro-batch one padding-free row")
+    ap.add_argument("--no-grouping", action="store_true", help="TrainConfig.group_by_length=False: shuffled batches")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--fused-loss", default=None, choices=("on", "off", "auto"))
@@ -58,9 +66,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if args.data == "code":  # the long-input job's model, lengths and batches
         built = bert2bert_by_name("minilm", cross_init="self", seed=0)
-        set_dropout(built.model, 0.0)
-        shape = {"max_tokens": args.max_tokens, "max_source_length": 128, "max_target_length": 32,
-                 "label_smoothing": 0.1}
+        set_dropout(built.model, args.dropout)
+        shape = {"max_tokens": args.max_tokens or None, "batch_size": args.batch_size,
+                 "max_source_length": args.max_source_length, "max_target_length": 32, "label_smoothing": 0.1}
         pairs = [(code, summary.lower()) for code, summary in code_summary_pairs("train")]
     else:
         built = bert2bert(minilm_path())
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
     apply_method(built.model, args.method, built.new_parameters,
                  lora_targets=[args.lora_targets] if args.lora_targets else None, lora_dropout=args.lora_dropout)
     setting = {"on": True, "off": False, "auto": None}
-    extra = {"attention_fp32": setting[args.attention_fp32]}
+    extra = {"attention_fp32": setting[args.attention_fp32], "pack": args.pack, "group_by_length": not args.no_grouping}
     extra |= {} if args.fused_loss is None else {"fused_loss": setting[args.fused_loss]}
     cfg = TrainConfig(lr=1e-4, lr_overrides=new_tensor_lr(built.new_parameters, 1e-3), precision=args.precision,
                       progress=False, save_model=False, output_dir=tempfile.mkdtemp(), warmup_ratio=0.05, **shape,

@@ -89,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument("--pack", action="store_true", help="packed batches: the same pairs a step, no padding computed")
     ap.add_argument("--num-beams", type=int, default=4)
     ap.add_argument("--no-repeat-ngram-size", type=int, default=3)
     ap.add_argument("--length-penalty", type=float, default=None)
@@ -221,7 +222,7 @@ def make_config(args, new_names, probe: bool) -> TrainConfig:
         lr=args.lr, lr_overrides=new_tensor_lr(new_names, args.new_lr), warmup_ratio=args.warmup_ratio,
         label_smoothing=args.label_smoothing, optimizer=args.optimizer, max_steps=args.max_steps,
         max_tokens=args.max_tokens or None, batch_size=args.batch_size, precision=args.precision,
-        grad_checkpointing=args.grad_checkpointing, max_source_length=args.max_source_length,
+        grad_checkpointing=args.grad_checkpointing, pack=args.pack, max_source_length=args.max_source_length,
         max_target_length=args.max_target_length, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         no_repeat_ngram_size=args.no_repeat_ngram_size or None, length_penalty=args.length_penalty,
         seed=args.seed, output_dir=args.output_dir, overwrite_output_dir=args.overwrite_output_dir,

@@ -21,6 +21,9 @@ Every module reads this table instead of its own `if model_type == ...`. Adding 
                       for a family not in this table the engine checks that on the first batch
     unused_pooler     the encoder keeps BERT's pooler, which no seq2seq forward reads (bert2bert): it is
                       frozen, and dropped when a saved model is reloaded
+    positions         how the model knows where a token is: "learned" absolute position embeddings (BART, BERT),
+                      "relative" attention bias (T5); packed batches (TrainConfig.pack, finetune/models/packing.py)
+                      restart them in every pair, and are refused for a family where this is "" (not described)
     tiny              name of the builder in finetune.models of a small random model for tests and smoke runs
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Family:
     tiny: str | None = None
     optimizer: str = "adamw"
     unused_pooler: bool = False
+    positions: str = ""
 
 
 BART_TARGETS = (r"\.(q_proj|v_proj)$",)
@@ -51,7 +55,7 @@ BERT_TARGETS = (r"\.(query|value)$",)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("bart", BART_TARGETS, ((0.9, 0.98), 1e-6), r"^model\.encoder\.", logits_bias="final_logits_bias",
-           head_is_last=True, tiny="tiny_bart"),
+           head_is_last=True, tiny="tiny_bart", positions="learned"),
     Family("mbart", BART_TARGETS, ((0.9, 0.98), 1e-6), r"^model\.encoder\.", logits_bias="final_logits_bias",
            head_is_last=True),
     Family("marian", BART_TARGETS, ((0.9, 0.98), 1e-9), r"^model\.encoder\.", logits_bias="final_logits_bias",
@@ -59,14 +63,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("pegasus", BART_TARGETS, ((0.9, 0.999), 1e-8), r"^model\.encoder\.", logits_bias="final_logits_bias",
            head_is_last=True),
     Family("t5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True,
-           tiny="tiny_t5"),
-    Family("mt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
+           tiny="tiny_t5", positions="relative"),
+    Family("mt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True,
+           positions="relative"),
     Family("umt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
     Family("longt5", T5_TARGETS, optimizer="adafactor", starts_from_pad=True, fp16_safe=False, head_is_last=True),
     # bert2bert: transformers' EncoderDecoderModel around BERT encoder and decoder
     Family("encoder-decoder", BERT_TARGETS, ((0.9, 0.999), 1e-6), head_is_last=True, tiny="tiny_bert2bert",
-           unused_pooler=True),
-    Family("bert", BERT_TARGETS, ((0.9, 0.999), 1e-6)),
+           unused_pooler=True, positions="learned"),
+    Family("bert", BERT_TARGETS, ((0.9, 0.999), 1e-6), positions="learned"),
 )}
 
 

@@ -31,17 +31,18 @@ def test_bench_train_smoke_with_peer(tmp_path):
 
 
 def test_bench_long_smoke_with_peer(tmp_path):
-    """The long-input benchmark: both sides, the same trainable count, whole-life peak RSS, MFU, the table."""
+    """The long-input benchmark: ours padded and packed and the peer, the same trainable count, whole-life peak RSS,
+    MFU, the table (a row for each of ours)."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_long.py"), "--methods", "bitfit", "--rounds", "1",
            "--steps", "2", "--batch-size", "2", "--max-source-length", "32", "--checkpointing", "on",
            "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert {r["engine"] for r in runs} == {"ours", "peer"} and len({r["trainable"] for r in runs}) == 1
+    assert {r["engine"] for r in runs} == {"ours", "packed", "peer"} and len({r["trainable"] for r in runs}) == 1
     assert all(r["samples_per_s"] > 0 and r["peak_rss_mib"] > 100 and r["gflops_per_s"] > 0 for r in runs)
     table = (tmp_path / "results.md").read_text()
-    assert "| bitfit | on |" in table and "matmul peak" in table
+    assert "| bitfit | on | ours |" in table and "| bitfit | on | packed |" in table and "matmul peak" in table
 
 
 def test_bench_large_smoke(tmp_path):

@@ -134,9 +134,10 @@ def losses(out):
     return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "lora"])
-def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, method):
-    two = launch(tmp_path / "two", method)
+@pytest.mark.parametrize("method,pack", [("full", False), ("bitfit", False), ("lora", False), ("full", True)])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, method, pack):
+    """pack=True: each rank packs its share of the global batch; the one process does not pack."""
+    two = launch(tmp_path / "two", method, pack=pack)
     model, tok = make(method)
     Engine(model, tok, config(tmp_path / "one", 8)).fit(DATA)
     one_losses, two_losses = losses(tmp_path / "one"), losses(tmp_path / "two")

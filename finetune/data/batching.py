@@ -151,6 +151,12 @@ def padding_fraction(batches: list[list[int]], examples, world: int = 1) -> floa
     return 1 - real / padded if padded else 0.0
 
 
+def epoch_padding(config, batches: list[list[int]], examples, world: int = 1) -> float:
+    """The padding share the log and metrics report for these batches: none under TrainConfig.pack (each
+    micro-batch is one row of its pairs' tokens), else `padding_fraction`."""
+    return 0.0 if config.pack else padding_fraction(batches, examples, world)
+
+
 def lengths_of(examples) -> tuple[list[int], list[int]]:
     """(source lengths, target lengths) of finetune.data.columns.Examples (its int32 columns) or a list of Example."""
     if hasattr(examples, "source_lengths"):

@@ -96,6 +96,11 @@ def to_additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def pairs_in(batch: dict) -> int:
+    """The pairs a collated batch holds: its rows, or a packed batch's segments."""
+    return len(batch["source_lengths"]) if "source_lengths" in batch else len(batch["labels"])
+
+
 class Collator:
     """Examples -> a batch: inputs padded with pad, labels with -100, decoder inputs shifted from labels."""
 
@@ -112,4 +117,27 @@ class Collator:
             "decoder_input_ids": shift_tokens_right(labels, self.pad_token_id, self.decoder_start_token_id),
             "decoder_attention_mask": decoder_attention_mask(labels),
             "labels": labels,
+        }
+
+
+class PackedCollator(Collator):
+    """Examples -> one packed row (TrainConfig.pack): the sources one after the other, the targets likewise, each
+    target shifted right on its own (its start token first), and the pairs' lengths. No padding at all; the model
+    side (finetune/models/packing.py) keeps attention and positions within each pair."""
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("PackedCollator: no examples to pack")
+        sources = [torch.as_tensor(e.input_ids, dtype=torch.long) for e in examples]
+        labels = [torch.as_tensor(e.labels, dtype=torch.long) for e in examples]
+        empty = [i for i, (s, t) in enumerate(zip(sources, labels)) if len(s) == 0 or len(t) == 0]
+        if empty:
+            raise ValueError(f"PackedCollator: example {empty[0]} of the batch has an empty source or target")
+        shifted = [shift_tokens_right(t[None], self.pad_token_id, self.decoder_start_token_id)[0] for t in labels]
+        return {
+            "input_ids": torch.cat(sources)[None],
+            "decoder_input_ids": torch.cat(shifted)[None],
+            "labels": torch.cat(labels)[None],
+            "source_lengths": torch.tensor([len(s) for s in sources]),
+            "target_lengths": torch.tensor([len(t) for t in labels]),
         }

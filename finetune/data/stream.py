@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 
-from finetune.data.batching import padding_fraction, sampler_for
+from finetune.data.batching import epoch_padding, sampler_for
 from finetune.data.columns import in_memory
 from finetune.data.sources import DataError, file_chunks, is_dataset, is_stream, mapping_pair, open_source, parse_chunk
 
@@ -159,7 +159,7 @@ class Stream:
             examples = in_memory(pairs, self.tokenizer, cfg.max_source_length, cfg.max_target_length,
                                  self.decoder_start, fingerprint="stream")  # a buffer's: not hashed
             batches = self.sampler(examples, p, b).batches(0)
-            padding = padding_fraction(batches, examples)
+            padding = epoch_padding(cfg, batches, examples)
             log(f"stream pass {p} buffer {b}: {len(rows)} rows from row {rows[0][0]}, {len(batches)} batches, "
                 f"padding {padding:.1%}; {examples.report}")
             first = at["batch"] if (p, b) == (at["pass"], at["buffer"]) else 0

@@ -17,7 +17,7 @@ picks up, each with its state: the padding share and, for a stream, the position
 from __future__ import annotations
 
 from finetune.data import corpus
-from finetune.data.batching import padding_fraction, schedule_of, training_sampler
+from finetune.data.batching import epoch_padding, schedule_of, training_sampler
 from finetune.data.sources import is_stream
 from finetune.data.stream import Stream
 
@@ -48,7 +48,7 @@ class Corpus:
         `steps` of them: `grad_accum` collated micro-batches each, this rank's share of every global batch."""
         cfg, rank, world = self.config, self.rank, self.world
         batches = self.sampler.batches(epoch)
-        state = {"padding": padding_fraction(batches, self.examples, world), "position": None}
+        state = {"padding": epoch_padding(cfg, batches, self.examples, world), "position": None}
         log(f"epoch {epoch}: {len(batches)} batches, padding {state['padding']:.1%} of the padded tokens")
         for index, first in enumerate(range(0, len(batches), cfg.grad_accum)):
             if (epoch, index) < start:

@@ -36,6 +36,8 @@ class TrainConfig:
     max_tokens: int | None = None  # instead of batch_size: padded source + target tokens per micro-batch (per rank)
     grad_accum: int = 1
     group_by_length: bool = True
+    pack: bool = False  # each micro-batch's pairs as one padding-free row, attention and positions kept within each
+    # pair (finetune/models/packing.py): the same pairs, loss and gradients, no compute on padding
     prefetch: int = 2  # windows collated ahead by a background thread while the step runs (0: on the training thread)
     # data
     max_source_length: int = 128
@@ -148,6 +150,8 @@ class TrainConfig:
              f"max_target_length = {self.max_source_length + self.max_target_length} (or None: batch_size)")
         need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         need(self.prefetch >= 0, "prefetch", "must be >= 0 (0: collate on the training thread)")
+        need(not (self.pack and self.fsdp), "pack", "packed batches are not tested under FSDP (fsdp=True); "
+             "use DDP or pack=False")
         need(self.max_source_length >= 2, "max_source_length", "must be >= 2")
         need(self.max_target_length >= 2, "max_target_length", "must be >= 2")
         need(self.stream_buffer >= 1, "stream_buffer", "must be >= 1")

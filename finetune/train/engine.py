@@ -27,13 +27,13 @@ from torch import nn
 from finetune import distributed
 from finetune.data import corpus, feed
 from finetune.data.batching import describe_batches
-from finetune.data.collate import IGNORE_INDEX, Collator
+from finetune.data.collate import IGNORE_INDEX, Collator, PackedCollator, pairs_in
 from finetune.data.noise import NoiseConfig
 from finetune.data.training import open_training_data
 from finetune.evaluate import evaluation
 from finetune.methods.freeze import trainable_report
-from finetune.models import (MAX_KEYS, check_length, enable_activation_checkpointing, freeze_unused_pooler,
-                             resolve_special_tokens, use_float32_attention)
+from finetune.models import (MAX_KEYS, check_length, enable_activation_checkpointing, enable_packing,
+                             freeze_unused_pooler, resolve_special_tokens, use_float32_attention)
 from finetune.store.export import save_model_folder, save_outputs
 from finetune.store.outputs import RunLock, claim_for_fresh_run
 from finetune.train.best import Best
@@ -79,14 +79,23 @@ class Engine:
         self.model = model.to(self.device)
         self.precision.apply_to(self.model)  # layers with a compute dtype of their own compute in the precision's
         self._choose_attention()  # float32 attention under CPU bf16 (finetune/models/attention.py)
+        if cfg.pack:
+            enable_packing(self.model)
+            self.recorder.log("pack: each micro-batch trains as one padding-free row (TrainConfig.pack)")
         self.train_model, self.sharded = self.model, False  # under torchrun: the DDP wrapper / FSDP-sharded model
-        self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)
+        self.collate = Collator(self.tokens.pad, self.tokens.decoder_start)  # evaluation, checks; training unless pack
+        self.packed_collate = PackedCollator(self.tokens.pad, self.tokens.decoder_start) if cfg.pack else None
         self.loss = TrainingLoss(self.model, self.precision, cfg.fused_loss)
         self.optimizer = self.scheduler = None
         # steps taken; non-finite steps skipped in a row; padding share of the epoch's batches (finetune.data.batching)
         self.global_step, self.nonfinite_in_a_row, self.padding = 0, 0, None
         self.stream_position = None  # a streamed run: where a resume after the last window picks up
         self._checked_gradients = False
+
+    @property
+    def train_collate(self):
+        """The collator of training micro-batches: packed rows under TrainConfig.pack, else `collate`."""
+        return self.packed_collate or self.collate
 
     def _choose_attention(self) -> None:
         why = self.precision.float32_attention(self.config.attention_fp32)
@@ -177,6 +186,10 @@ class Engine:
         if self.dist.enabled and self.train_model is self.model and not self.sharded:
             raise RuntimeError("Engine.compile: under torchrun, call it after prepare(), which wraps the model for "
                                "DDP / FSDP (a compiled unwrapped model would not synchronise gradients)")
+        if self.config.pack:
+            raise ValueError("Engine.compile: TrainConfig.pack makes every micro-batch a row of another length and "
+                             "attention a loop over its pairs, which torch.compile would recompile each step; "
+                             "use pack=False to compile")
         self.train_model = torch.compile(self.train_model, **options)
 
     def enable_checkpointing(self):
@@ -190,7 +203,7 @@ class Engine:
         window just yielded picks up)."""
         steps = run.total_steps - self.global_step  # counted when the epoch starts, before the producer runs ahead
         noised = feed.noiser(self.noise, self.tokenizer, self.config.seed)
-        for index, window, state in feed.windows(run.data, epoch, run.start, steps, self.collate, noised,
+        for index, window, state in feed.windows(run.data, epoch, run.start, steps, self.train_collate, noised,
                                                  self.recorder.log, self.config.prefetch):
             self.padding, self.stream_position = state["padding"], state["position"]
             yield index, window
@@ -201,7 +214,7 @@ class Engine:
     def train_step(self, window: list[dict]) -> dict:
         """One optimizer step over a window of `grad_accum` micro-batches (after `prepare` or `build_optimizer`)."""
         cfg, model, world = self.config, self.train_model, self.dist.world_size
-        local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window), sum(len(b["labels"]) for b in window)]
+        local = [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window), sum(pairs_in(b) for b in window)]
         # over every rank (under max_tokens the ranks' batches hold different numbers of pairs)
         window_tokens, window_samples = (int(v) for v in distributed.all_sum(local, self.dist, self.device))
         loss_sum = torch.zeros((), device=self.device)
@@ -343,7 +356,7 @@ class Engine:
         """
         check_overfit_arguments(steps, lr)
         _, examples = self._tokenized(pairs, "overfit batch")
-        window = [self.collate(examples)]
+        window = [self.train_collate(examples)]
         self.model.train()
         self.build_optimizer(steps, 0, lr=lr, schedule="constant", weight_decay=0.0)
         history = []

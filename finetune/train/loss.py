@@ -30,6 +30,7 @@ from torch import nn
 
 from finetune.data.collate import IGNORE_INDEX
 from finetune.families import family_of
+from finetune.models.packing import is_packed, packed_inputs
 
 ROW_BLOCK_ELEMENTS = 1 << 23  # logits elements per block (32 MiB in float32): bounds the loss's extra memory
 # fused_loss=None (the default) fuses a micro-batch whose logits would hold more elements than this (target tokens
@@ -188,6 +189,12 @@ def capture_hidden(model: nn.Module, head: nn.Linear, logits_bias: str | None = 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
 
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword arguments for a collated batch: MODEL_INPUTS, or a packed batch's block masks
+    (finetune/models/packing.py)."""
+    return packed_inputs(batch) if is_packed(batch) else {k: batch[k] for k in MODEL_INPUTS}
+
+
 class TrainingLoss:
     """loss(model, batch) -> (summed token loss in float32, correct tokens), under the run's autocast.
 
@@ -232,12 +239,12 @@ class TrainingLoss:
         with self.precision.autocast():
             if self.head is not None:  # the output layer on target positions only, fused or plain
                 return self._on_targets(model, batch, label_smoothing, fuse)
-            logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+            logits = model(**model_inputs(batch)).logits
         return token_loss(logits, batch["labels"], label_smoothing)
 
     def _on_targets(self, model, batch, label_smoothing: float = 0.0, fuse: bool = True):
         with capture_hidden(self.model, self.head, self.logits_bias) as capture:
-            model(**{k: batch[k] for k in MODEL_INPUTS})
+            model(**model_inputs(batch))
         extra_bias = getattr(self.model, self.logits_bias) if self.logits_bias else None
         loss = fused_head_loss if fuse else head_loss
         return loss(capture.hidden, self.head, batch["labels"], label_smoothing, extra_bias)
@@ -250,7 +257,7 @@ class TrainingLoss:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self.precision.autocast():
-            plain, _ = token_loss(self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch["labels"])
+            plain, _ = token_loss(self.model(**model_inputs(batch)).logits, batch["labels"])
             fused, _ = self._on_targets(self.model, batch)
         self.model.train(was_training)
         tolerance = 1e-4 if self.precision.dtype is None else 2e-2
