@@ -14,7 +14,8 @@ activation checkpointing (non-reentrant on both sides) and the same trainable te
 must be equal, or the run stops). Each run is a fresh process; ours and the peer alternate (the peer first on odd
 rounds); the table gives the median of the rounds. Per run: samples/s and real (non-padding) tokens/s from the
 end of the first step to the end of the last; memory as the whole-life peak RSS of the process (ru_maxrss, never
-reset: what an OOM killer sees); our MFU = the FLOPs of the real tokens per second / this machine's measured matmul
+reset: what an OOM killer sees), beside the peak before training (the model and pairs, the same on both sides:
+`setup_peak_rss_mib` in results.json); our MFU = the FLOPs of the real tokens per second / this machine's measured matmul
 peak of the precision (benchmarks/matmul_peak.py): the linear layers' (2 per weight forward, 2 for the input
 gradient, 2 more where the weight trains) plus attention's (scores and weighted sum, forward and backward, as PaLM
 counts them: 12 x hidden x queries x keys per layer, for encoder self-, decoder self- and cross-attention of each
@@ -108,6 +109,7 @@ def worker(args) -> dict:
     tgt = [min(len(x) - 1, TARGET_LENGTH) for x in tok(text_target=[t for _, t in pairs])["input_ids"]]
     checkpointing = args.checkpointing == "on"
     times = []
+    setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # model and pairs, before either side
     if args.engine in ("ours", "packed"):
         apply_method(model, args.method, new, lora_targets=None)
         trainable = trainable_report(model).trainable
@@ -156,7 +158,7 @@ def worker(args) -> dict:
             "samples_per_s": (len(times) - 1) * args.batch_size / seconds,
             "tokens_per_s": (sum(src) + sum(tgt)) * timed / seconds, "gflops_per_s": flops / seconds / 1e9,
             "mean_source_tokens": sum(src) / len(src),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "setup_peak_rss_mib": setup_peak}
 
 
 def main(argv=None) -> int:
@@ -221,13 +223,15 @@ def main(argv=None) -> int:
 def markdown(runs, info, args) -> str:
     peak = info["matmul_peak_gflops"][args.precision]
     mean_src = statistics.mean(r["mean_source_tokens"] for r in runs)
+    setup = statistics.median(r.get("setup_peak_rss_mib", 0.0) for r in runs)
     lines = [f"{info.get('cpu')} ({info.get('cores')} cores, bf16 units: {info['bf16_units']}), torch "
              f"{info.get('torch')}, transformers {info.get('transformers')}, Python {info.get('python')}; code "
              f"summaries ({args.subset}: {runs[0]['pairs']} pairs, mean source {mean_src:.0f} tokens, cut at "
              f"{args.max_source_length}), batch {args.batch_size}, {args.steps} steps, {args.precision}, "
              "both length-grouped (packed: no padding computed), "
              f"{args.precision} matmul peak {peak:.0f} GFLOP/s, median of {args.rounds} rounds; MFU = (linear FLOPs "
-             "of real tokens + 12 x hidden x layers x (src^2 + tgt^2 + tgt x src) per pair) / s / peak", "",
+             "of real tokens + 12 x hidden x layers x (src^2 + tgt^2 + tgt x src) per pair) / s / peak; peak RSS "
+             f"before training (model + pairs, either side): {setup:.0f} MiB", "",
              "| method | checkpointing | ours | trainable (both) | ours samples/s | peer samples/s | speed ours/peer | "
              "ours tokens/s | ours MFU | ours peak RSS MiB | peer peak RSS MiB | memory ours/peer |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -24,12 +24,17 @@ NAME = "sdpa_float32"
 MAX_KEYS = 256  # measured faster up to here; at 512 keys within noise (see above)
 
 
+def in_float32(query, keys: int) -> bool:
+    """Whether `sdpa_float32` computes this attention in float32: reduced-precision CPU inputs, at most MAX_KEYS keys."""
+    return query.device.type == "cpu" and query.dtype != torch.float32 and keys <= MAX_KEYS
+
+
 def sdpa_float32_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, in float32 for reduced-precision CPU inputs of at most `MAX_KEYS` keys."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    if query.device.type != "cpu" or dtype == torch.float32 or key.shape[-2] > MAX_KEYS:
+    if not in_float32(query, key.shape[-2]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()

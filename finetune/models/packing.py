@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from finetune.families import family_of
+from finetune.models.attention import NAME, in_float32
 
 BASES = ("sdpa", "sdpa_float32", "eager")  # attention implementations a packed one wraps
 POSITION_MODULES = ("embed_positions", "position_embeddings")  # learned absolute positions: BART, BERT
@@ -88,20 +89,35 @@ def _per_pair(base):
         segments = getattr(attention_mask, "packed_segments", None)
         if segments is None:
             return run(module, query, key, value, attention_mask, **kwargs)
-        bias = kwargs.pop("position_bias", None)  # T5: relative, so each pair's block is the top-left one
-        causal = kwargs.get("is_causal")
-        causal = getattr(module, "is_causal", False) if causal is None else causal
-        outputs, q0, k0 = [], 0, 0
-        for nq, nk in zip(*segments):
-            mask = _causal_additive(nq, query.dtype, query.device) if causal and base == "eager" else None
-            extra = {} if bias is None else {"position_bias": bias[..., :nq, :nk]}
-            out, _ = run(module, query[:, :, q0:q0 + nq], key[:, :, k0:k0 + nk], value[:, :, k0:k0 + nk], mask,
-                         **kwargs, **extra)
-            outputs.append(out)
-            q0, k0 = q0 + nq, k0 + nk
-        return torch.cat(outputs, dim=1), None
+        if base == NAME and in_float32(query, max(segments[1])):  # every pair in float32: cast the row once
+            bias = kwargs.get("position_bias")
+            kwargs["position_bias"] = None if bias is None else bias.float()
+            with torch.autocast("cpu", enabled=False):
+                out, _ = _pairs(ALL_ATTENTION_FUNCTIONS["sdpa"], "sdpa", module, query.float(), key.float(),
+                                value.float(), segments, kwargs)
+            return out.to(query.dtype), None
+        return _pairs(run, base, module, query, key, value, segments, kwargs)
 
     return attention
+
+
+def _pairs(run, base, module, query, key, value, segments, kwargs):
+    """`run` on each pair's block of query / key / value (and of T5's position bias, which is relative, so a pair's
+    block is the top-left one); the outputs side by side again."""
+    bias = kwargs.pop("position_bias", None)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    outputs = []
+    # torch.split, not slices: its backward joins the pieces' gradients once, where each slice's would fill a
+    # zero tensor the size of the whole row
+    pieces = zip(segments[0], segments[1], query.split(segments[0], dim=2), key.split(segments[1], dim=2),
+                 value.split(segments[1], dim=2))
+    for nq, nk, q, k, v in pieces:
+        mask = _causal_additive(nq, query.dtype, query.device) if causal and base == "eager" else None
+        extra = {} if bias is None else {"position_bias": bias[..., :nq, :nk]}
+        out, _ = run(module, q, k, v, mask, **kwargs, **extra)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
 
 
 def _eager_of(module):

@@ -15,7 +15,8 @@ from torch.overrides import TorchFunctionMode
 from finetune import Engine, TrainConfig, apply_method
 from finetune.data.collate import Collator, PackedCollator, pairs_in
 from finetune.data.tokenize import Example
-from finetune.models import enable_activation_checkpointing, enable_packing, packed_inputs, resolve_special_tokens
+from finetune.models import (enable_activation_checkpointing, enable_packing, packed_inputs, resolve_special_tokens,
+                             use_float32_attention)
 from finetune.train.loss import token_loss
 
 LENGTHS = [(7, 3), (12, 5), (3, 4), (9, 2)]  # (source, target) tokens of the pairs of one micro-batch
@@ -103,6 +104,30 @@ def test_attention_runs_pair_by_pair(family):
         model(**packed_inputs(batch))
     assert mode.seen and set(mode.seen) <= {n for pair in LENGTHS for n in pair}
     assert len(mode.seen) % len(LENGTHS) == 0
+
+
+class QueryDtypes(KeyLengths):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_attention_in_float32_under_bf16(family):
+    """With float32 attention on (bf16 autocast on a CPU), a packed row is cast once and every pair attends in
+    float32; the logits stay close to fp32's."""
+    model, tok = BUILDERS[family]()
+    model.eval()
+    tokens = resolve_special_tokens(model, tok)
+    use_float32_attention(model)
+    enable_packing(model)
+    inputs = packed_inputs(PackedCollator(tokens.pad, tokens.decoder_start)(examples()))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16), QueryDtypes() as mode:
+            logits = model(**inputs).logits.float()
+    assert mode.seen and set(mode.seen) == {torch.float32}
+    torch.testing.assert_close(logits, reference, atol=0.1, rtol=0.05)
 
 
 def test_unpacked_forwards_and_generation_are_unchanged(family):
