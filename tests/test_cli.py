@@ -142,3 +142,14 @@ def test_shipped_configs_parse():
     assert "spelling_minilm.toml" in names
     for name in names:
         load_run_config(os.path.join(folder, name))
+
+
+def test_a_run_file_trains_packed(tmp_path):
+    """`pack = true` in [train] (here through --set) reaches the engine: the run trains on packed rows."""
+    config, _, out = write_run(tmp_path)
+    assert main(["train", str(config), "--set", "train.pack=true", "--set", "train.epochs=2",
+                 "--set", "train.log_every=1"]) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in records if r["split"] == "train"]
+    assert train and all(r["padding_fraction"] == 0.0 for r in train)
+    assert json.loads((out / "run_config.json").read_text())["train"]["pack"] is True
