@@ -96,9 +96,14 @@ def to_additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def is_packed(batch: dict) -> bool:
+    """A batch from PackedCollator (it carries the pairs' lengths)."""
+    return "source_lengths" in batch
+
+
 def pairs_in(batch: dict) -> int:
     """The pairs a collated batch holds: its rows, or a packed batch's segments."""
-    return len(batch["source_lengths"]) if "source_lengths" in batch else len(batch["labels"])
+    return len(batch["source_lengths"]) if is_packed(batch) else len(batch["labels"])
 
 
 class Collator:

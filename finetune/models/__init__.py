@@ -5,12 +5,12 @@ from finetune.models.attention import MAX_KEYS, use_float32_attention
 from finetune.models.bert2bert import Bert2Bert, bert2bert, bert2bert_by_name, minilm_path
 from finetune.models.builders import base_sized, char_tokenizer, tiny_bart, tiny_bert2bert, tiny_t5
 from finetune.models.load import ModelNotAvailable, damaged_weights, load_seq2seq
-from finetune.models.packing import enable_packing, is_packed, packed_inputs
+from finetune.models.packing import enable_packing, packed_inputs
 from finetune.models.streamed import load_quantized
 from finetune.models.tokens import SpecialTokens, check_length, resolve_special_tokens
 
 __all__ = ["load_seq2seq", "load_quantized", "damaged_weights", "ModelNotAvailable", "bert2bert", "bert2bert_by_name",
            "Bert2Bert", "minilm_path", "resolve_special_tokens", "SpecialTokens", "check_length",
            "enable_activation_checkpointing", "freeze_unused_pooler", "set_dropout", "use_float32_attention",
-           "enable_packing", "is_packed", "packed_inputs",
+           "enable_packing", "packed_inputs",
            "MAX_KEYS", "base_sized", "char_tokenizer", "tiny_bart", "tiny_bert2bert", "tiny_t5"]

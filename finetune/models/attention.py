@@ -62,11 +62,17 @@ def use_float32_attention(model) -> bool:
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if can_set is None or not can_set():
         return False
-    found = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
-    configs = {id(c): c for c in found if getattr(c, "_attn_implementation", None) in ("sdpa", NAME)}  # NAME: again
+    configs = [c for c in attention_configs(model) if c._attn_implementation in ("sdpa", NAME)]  # NAME: again
     if not configs:
         return False
     register()
-    for config in configs.values():
+    for config in configs:
         config._attn_implementation = NAME
     return True
+
+
+def attention_configs(model) -> list:
+    """Every distinct config object of `model` and its modules that names an attention implementation (the model's
+    own, and any its layers hold: a bert2bert's encoder layers keep a config object of their own)."""
+    found = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+    return list({id(c): c for c in found if getattr(c, "_attn_implementation", None) is not None}.values())

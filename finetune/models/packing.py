@@ -27,27 +27,18 @@ import torch
 from torch import nn
 
 from finetune.families import family_of
-from finetune.models.attention import NAME, in_float32
+from finetune.models.attention import NAME, attention_configs, in_float32
 
 BASES = ("sdpa", "sdpa_float32", "eager")  # attention implementations a packed one wraps
 POSITION_MODULES = ("embed_positions", "position_embeddings")  # learned absolute positions: BART, BERT
 PACKED = "packed_"
 
 
-def is_packed(batch: dict) -> bool:
-    """A batch from PackedCollator (it carries the pairs' lengths)."""
-    return "source_lengths" in batch
-
-
 def block_mask(query_lengths: list[int], key_lengths: list[int], causal: bool, device) -> torch.Tensor:
     """[1, 1, queries, keys] boolean mask (True = attend): query segment i sees key segment i only (and, `causal`,
     only keys at or before its own position in the segment). It carries `packed_segments` = (query lengths, key
     lengths) for the packed attention implementations."""
-    q_ids = torch.repeat_interleave(torch.arange(len(query_lengths), device=device),
-                                    torch.tensor(query_lengths, device=device))
-    k_ids = torch.repeat_interleave(torch.arange(len(key_lengths), device=device),
-                                    torch.tensor(key_lengths, device=device))
-    mask = q_ids[:, None] == k_ids[None, :]
+    mask = _segment_ids(query_lengths, device)[:, None] == _segment_ids(key_lengths, device)[None, :]
     if causal:
         mask &= torch.ones_like(mask).tril()
     mask = mask[None, None]
@@ -55,11 +46,16 @@ def block_mask(query_lengths: list[int], key_lengths: list[int], causal: bool, d
     return mask
 
 
+def _segment_ids(lengths: list[int], device) -> torch.Tensor:
+    """[total] the segment of each position: [0] * n1 + [1] * n2 + ..."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+
+
 def segment_positions(lengths: list[int], device) -> torch.Tensor:
     """[total] positions that restart at 0 in every segment: [0..n1-1, 0..n2-1, ...]."""
-    ends = torch.tensor(lengths, device=device).cumsum(0)
-    starts = torch.repeat_interleave(ends - torch.tensor(lengths, device=device), torch.tensor(lengths, device=device))
-    return torch.arange(int(ends[-1]), device=device) - starts
+    sizes = torch.tensor(lengths, device=device)
+    starts = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    return torch.arange(len(starts), device=device) - starts
 
 
 def packed_inputs(batch: dict) -> dict:
@@ -175,17 +171,16 @@ def enable_packing(model: nn.Module) -> None:
 
 
 def _attention_configs(model: nn.Module) -> list:
-    """Every config object of the model and its layers (bert2bert's layers keep their own), checked: one of BASES."""
-    found = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
-    configs = {id(c): c for c in found if getattr(c, "_attn_implementation", None) is not None}
-    for config in configs.values():
+    """Every config object of the model and its layers (`attention_configs`), checked: one of BASES."""
+    configs = attention_configs(model)
+    for config in configs:
         name = config._attn_implementation
         if name.removeprefix(PACKED) not in BASES:
             raise ValueError(f"TrainConfig.pack: packed batches need 'sdpa' or 'eager' attention; this model uses "
                              f"{name!r} (load it with attn_implementation='sdpa'), or set pack=False")
     if not configs:
         raise ValueError("TrainConfig.pack: the model has no transformers config naming its attention; set pack=False")
-    return list(configs.values())
+    return configs
 
 
 def _swap_encoder_mask(module, args, kwargs):

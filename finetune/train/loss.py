@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.data.collate import IGNORE_INDEX
+from finetune.data.collate import IGNORE_INDEX, is_packed
 from finetune.families import family_of
-from finetune.models.packing import is_packed, packed_inputs
+from finetune.models.packing import packed_inputs
 
 ROW_BLOCK_ELEMENTS = 1 << 23  # logits elements per block (32 MiB in float32): bounds the loss's extra memory
 # fused_loss=None (the default) fuses a micro-batch whose logits would hold more elements than this (target tokens
